@@ -1,0 +1,125 @@
+"""ResMobileNet V1/V2: stem -> 15 inverted residuals -> 6 bottlenecks -> embedding head."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from resmobile_jax.models.architecture import (
+    BOTTLENECK_WIDTH,
+    NUM_BOTTLENECKS,
+    TAIL_CHANNELS,
+    check_variant,
+    mid_block_specs,
+    output_stride,
+)
+from resmobile_jax.models.blocks import Bottleneck, InvertedResidual
+from resmobile_jax.models.head import EmbeddingHead
+from resmobile_jax.models.stems import MobileNetStem, ResNetStem
+
+PARTS = ("stem", "mid", "tail", "head")
+
+
+class ResMobileNet(nnx.Module):
+    """Takes NHWC images (ImageNet-normalized), returns L2-normalized float32 embeddings of shape (N, D).
+
+    `model.train()` / `model.eval()` switch BatchNorm between batch statistics (updating the running ones, as
+    PyTorch does) and running statistics.
+    """
+
+    def __init__(
+        self,
+        variant: str = "v2",
+        *,
+        embedding_dim: int = 512,
+        v2_output_stride: int = 32,
+        depthwise_impl: str = "auto",
+        dtype: Any = jnp.float32,
+        param_dtype: Any = jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        check_variant(variant)
+        if embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim}")
+        self.variant = variant
+        self.embedding_dim = embedding_dim
+        self.output_stride = output_stride(variant, v2_output_stride)
+        self.dtype = jnp.dtype(dtype)
+        kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        self.stem = (MobileNetStem if variant == "v1" else ResNetStem)(**kw)
+        self.mid = nnx.List(
+            [InvertedResidual(spec, depthwise_impl=depthwise_impl, **kw) for spec in mid_block_specs(variant, v2_output_stride)]
+        )
+        self.tail = nnx.List([Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, **kw) for _ in range(NUM_BOTTLENECKS)])
+        self.head = EmbeddingHead(TAIL_CHANNELS, embedding_dim, **kw)
+
+    def check_input(self, images: jax.Array) -> None:
+        """Shape checks at the model boundary, with a message that says what to change."""
+        chex.assert_rank(images, 4)
+        if images.shape[-1] != 3:
+            raise ValueError(f"expected NHWC RGB images (N, H, W, 3), got shape {tuple(images.shape)}")
+        h, w = images.shape[1:3]
+        if min(h, w) < self.output_stride:
+            raise ValueError(
+                f"input image {h}x{w} is smaller than ResMobileNet {self.variant}'s output stride "
+                f"{self.output_stride}; resize images to at least {self.output_stride}x{self.output_stride} "
+                f"(config.model.input_size)"
+            )
+
+    def stages(self, images: jax.Array) -> dict[str, jax.Array]:
+        """Every stage's output in order (stem, mid.0..14, tail.0..5, embedding), for parity checks."""
+        self.check_input(images)
+        out = {}
+        x = self.stem(images.astype(self.dtype))
+        out["stem"] = x
+        for i, block in enumerate(self.mid):
+            x = block(x)
+            out[f"mid.{i}"] = x
+        for i, block in enumerate(self.tail):
+            x = block(x)
+            out[f"tail.{i}"] = x
+        out["embedding"] = self.head(x)
+        return out
+
+    def __call__(self, images: jax.Array) -> jax.Array:
+        self.check_input(images)
+        x = self.stem(images.astype(self.dtype))
+        for block in self.mid:
+            x = block(x)
+        for block in self.tail:
+            x = block(x)
+        emb = self.head(x)
+        chex.assert_shape(emb, (images.shape[0], self.embedding_dim))
+        chex.assert_type(emb, jnp.float32)
+        return emb
+
+
+def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The constructor arguments a `config.model` block carries (input_size is the data's business)."""
+    return dict(
+        variant=model_config["variant"],
+        embedding_dim=int(model_config["embedding_dim"]),
+        v2_output_stride=int(model_config.get("v2_output_stride", 32)),
+        depthwise_impl=model_config.get("depthwise_impl", "auto"),
+        dtype=jnp.dtype(model_config.get("dtype", "float32")),
+        param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),
+    )
+
+
+def build_model(model_config: Mapping[str, Any], seed: int = 0) -> ResMobileNet:
+    """Builds the model from a `config.model` ConfigDict (or any mapping with the same keys), in eval mode."""
+    model = ResMobileNet(**model_kwargs(model_config), rngs=nnx.Rngs(seed))
+    model.eval()
+    return model
+
+
+def input_hw(input_size) -> tuple[int, int]:
+    """`input_size` may be an int (square) or an (height, width) pair."""
+    if isinstance(input_size, int):
+        return input_size, input_size
+    h, w = input_size
+    return int(h), int(w)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resmobile_jax.models.architecture import InvertedResidualSpec
@@ -26,8 +27,8 @@ class SqueezeExcitation(nnx.Module):
     fc1/fc2 are biased 1x1 convs in torchvision; on a 1x1 map they are Linear layers (same init: fan-out He).
     """
 
-    def __init__(self, channels: int, squeeze_channels: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, channels: int, squeeze_channels: int, *, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+        kw = dict(kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype, rng=rng)
         self.fc1 = Linear(channels, squeeze_channels, **kw)
         self.fc2 = Linear(squeeze_channels, channels, **kw)
 
@@ -46,10 +47,10 @@ class InvertedResidual(nnx.Module):
         depthwise_impl: DepthwiseImpl = "auto",
         dtype=None,
         param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
+        rng: np.random.Generator,
     ):
         act = "hardswish" if spec.activation == "HS" else "relu"
-        kw = dict(bn=MOBILENET_BN, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(bn=MOBILENET_BN, dtype=dtype, param_dtype=param_dtype, rng=rng)
         self.spec = spec
         self.use_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
         # torchvision adds the expand conv only when it changes the width (V2's block 1 gains one: 64 -> 16).
@@ -59,7 +60,7 @@ class InvertedResidual(nnx.Module):
             depthwise_impl=depthwise_impl, **kw,
         )
         self.se = (
-            SqueezeExcitation(spec.expanded, make_divisible(spec.expanded // 4, 8), dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            SqueezeExcitation(spec.expanded, make_divisible(spec.expanded // 4, 8), dtype=dtype, param_dtype=param_dtype, rng=rng)
             if spec.use_se
             else None
         )
@@ -79,10 +80,10 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, inplanes: int, planes: int, *, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
         if inplanes != planes * self.expansion:
             raise ValueError(f"Bottleneck without downsample needs inplanes == 4 * planes, got {inplanes} and {planes}")
-        kw = dict(bn=RESNET_BN, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(bn=RESNET_BN, dtype=dtype, param_dtype=param_dtype, rng=rng)
         self.conv_bn1 = ConvBNAct(inplanes, planes, 1, activation="relu", **kw)
         self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", **kw)
         self.conv_bn3 = ConvBNAct(planes, inplanes, 1, activation="identity", **kw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resmobile_jax.models.layers import RESNET_BN, BatchNorm, Linear, global_avg_pool, linear_init
@@ -22,8 +23,8 @@ class EmbeddingHead(nnx.Module):
     model does it.
     """
 
-    def __init__(self, in_channels: int, embedding_dim: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        self.fc = Linear(in_channels, embedding_dim, kernel_init=linear_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, in_channels: int, embedding_dim: int, *, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+        self.fc = Linear(in_channels, embedding_dim, kernel_init=linear_init, dtype=dtype, param_dtype=param_dtype, rng=rng)
         self.bn = BatchNorm(embedding_dim, dtype=dtype, param_dtype=param_dtype, **RESNET_BN)
 
     def __call__(self, x):

@@ -7,6 +7,7 @@ from typing import Any, Mapping
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from resmobile_jax.models.architecture import (
@@ -40,16 +41,17 @@ class ResMobileNet(nnx.Module):
         depthwise_impl: str = "auto",
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
-        rngs: nnx.Rngs,
+        rng: np.random.Generator | int = 0,
     ):
         check_variant(variant)
+        rng = np.random.default_rng(rng) if isinstance(rng, int) else rng
         if embedding_dim < 1:
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim}")
         self.variant = variant
         self.embedding_dim = embedding_dim
         self.output_stride = output_stride(variant, v2_output_stride)
         self.dtype = jnp.dtype(dtype)
-        kw = dict(dtype=self.dtype, param_dtype=param_dtype, rngs=rngs)
+        kw = dict(dtype=self.dtype, param_dtype=param_dtype, rng=rng)
         self.stem = (MobileNetStem if variant == "v1" else ResNetStem)(**kw)
         self.mid = nnx.List(
             [InvertedResidual(spec, depthwise_impl=depthwise_impl, **kw) for spec in mid_block_specs(variant, v2_output_stride)]
@@ -112,9 +114,16 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
 
 def build_model(model_config: Mapping[str, Any], seed: int = 0) -> ResMobileNet:
     """Builds the model from a `config.model` ConfigDict (or any mapping with the same keys), in eval mode."""
-    model = ResMobileNet(**model_kwargs(model_config), rngs=nnx.Rngs(seed))
+    model = ResMobileNet(**model_kwargs(model_config), rng=np.random.default_rng(seed))
     model.eval()
     return model
+
+
+def jit_stages(model: ResMobileNet):
+    """A jitted `model.stages` over the model's current state (for checks and profiling, not training)."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).stages(x))
+    return lambda images: fn(state, images)
 
 
 def input_hw(input_size) -> tuple[int, int]:

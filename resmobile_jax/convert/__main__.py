@@ -118,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from resmobile_jax.cli import quiet_logging
+
     args = build_parser().parse_args(argv)
+    quiet_logging()
     try:
         return args.fn(args)
     except (CheckpointError, FileExistsError, FileNotFoundError, ValueError) as e:

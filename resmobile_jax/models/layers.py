@@ -127,7 +127,7 @@ class BatchNorm(nnx.Module):
         dtype = self.dtype or x.dtype
         reduce_axes = tuple(range(x.ndim - 1))
         if self.use_running_average:
-            mean, var = self.mean.value, self.var.value
+            mean, var = self.mean[...], self.var[...]
         else:
             xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axis=reduce_axes)
@@ -135,12 +135,12 @@ class BatchNorm(nnx.Module):
             n = x.size // x.shape[-1]
             unbiased_var = var * (n / max(n - 1, 1))
             m = self.momentum
-            self.mean.value = m * self.mean.value + (1.0 - m) * mean
-            self.var.value = m * self.var.value + (1.0 - m) * unbiased_var
-            self.num_batches_tracked.value = self.num_batches_tracked.value + 1
+            self.mean[...] = m * self.mean[...] + (1.0 - m) * mean
+            self.var[...] = m * self.var[...] + (1.0 - m) * unbiased_var
+            self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
         # Fold into one multiply-add, as PyTorch's CPU kernel does.
-        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale.value.astype(jnp.float32)
-        shift = self.bias.value.astype(jnp.float32) - mean * inv
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(jnp.float32)
+        shift = self.bias[...].astype(jnp.float32) - mean * inv
         return (x.astype(jnp.float32) * inv + shift).astype(dtype)
 
 
@@ -171,13 +171,13 @@ class Conv(nnx.Module):
         p = self.padding
         y = jax.lax.conv_general_dilated(
             x.astype(dtype),
-            self.kernel.value.astype(dtype),
+            self.kernel[...].astype(dtype),
             window_strides=(self.stride, self.stride),
             padding=((p, p), (p, p)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
         if self.bias is not None:
-            y = y + self.bias.value.astype(dtype)
+            y = y + self.bias[...].astype(dtype)
         return y
 
 
@@ -213,7 +213,7 @@ class DepthwiseConv(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
-        x, w = x.astype(dtype), self.kernel.value.astype(dtype)
+        x, w = x.astype(dtype), self.kernel[...].astype(dtype)
         impl = default_depthwise_impl() if self.impl == "auto" else self.impl
         return depthwise_conv(x, w, self.stride, self.padding, impl)
 
@@ -281,4 +281,4 @@ class Linear(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
-        return x.astype(dtype) @ self.kernel.value.astype(dtype) + self.bias.value.astype(dtype)
+        return x.astype(dtype) @ self.kernel[...].astype(dtype) + self.bias[...].astype(dtype)

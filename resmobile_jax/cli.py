@@ -1,0 +1,16 @@
+"""What every command-line entry point does first."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+
+def quiet_logging() -> None:
+    """Keeps orbax's per-save INFO lines and TensorFlow's start-up chatter out of the user's terminal."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    for name in ("jax._src.xla_bridge", "orbax", "absl"):
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,0 +1,100 @@
+"""Each layer against the PyTorch op it mirrors."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from torchvision.models._utils import _make_divisible
+
+from resmobile_jax.models import layers
+
+
+@pytest.mark.parametrize("value", [8, 15, 16, 17, 18, 20, 30, 60, 72 // 4, 120 // 4, 240 // 4, 480 // 4, 672 // 4, 960 // 4, 3.5, 100.0])
+def test_make_divisible_matches_torchvision(value):
+    assert layers.make_divisible(value, 8) == _make_divisible(value, 8)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, (9, 7)), (3, 2, (9, 8)), (5, 1, (8, 8)), (5, 2, (11, 6)), (3, 2, (2, 3))])
+@pytest.mark.parametrize("impl", ["xla", "shifted"])
+def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, size, impl, rng):
+    c = 6
+    x = rng.standard_normal((2, c, *size)).astype(np.float32)
+    w = rng.standard_normal((c, 1, kernel, kernel)).astype(np.float32)
+    ref = torch.nn.functional.conv2d(torch.from_numpy(x), torch.from_numpy(w), stride=stride, padding=kernel // 2, groups=c)
+    out = layers.depthwise_conv(jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(w.transpose(2, 3, 1, 0)), stride, kernel // 2, impl)
+    np.testing.assert_allclose(np.asarray(out), ref.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
+
+
+def test_depthwise_impls_agree_and_auto_picks_shifted_on_cpu(rng):
+    x = jnp.asarray(rng.standard_normal((1, 17, 13, 8)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((5, 5, 1, 8)), jnp.float32)
+    a = layers.depthwise_conv(x, w, 2, 2, "xla")
+    b = layers.depthwise_conv(x, w, 2, 2, "shifted")
+    assert np.max(np.abs(np.asarray(a) - np.asarray(b))) < 1e-5
+    assert layers.default_depthwise_impl() == "shifted"  # the test machine is a CPU
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        layers.DepthwiseConv(4, 3, impl="fast", rng=np.random.default_rng(0))
+
+
+def test_max_pool_pads_with_minus_infinity(rng):
+    x = -np.abs(rng.standard_normal((2, 4, 7, 6))).astype(np.float32) - 1.0  # all negative: zero padding would win
+    ref = torch.nn.MaxPool2d(3, 2, 1)(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
+    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    np.testing.assert_array_equal(out, ref)
+    assert out.max() < 0
+
+
+def test_activations_match_torch(rng):
+    x = np.linspace(-5, 5, 1001).astype(np.float32)
+    t = torch.from_numpy(x)
+    np.testing.assert_allclose(np.asarray(layers.hard_swish(jnp.asarray(x))), torch.nn.Hardswish()(t).numpy(), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(layers.hard_sigmoid(jnp.asarray(x))), torch.nn.Hardsigmoid()(t).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(4, 5, 3, 8), (6, 8)])
+@pytest.mark.parametrize("eps,torch_momentum", [(1e-3, 0.01), (1e-5, 0.1)])
+def test_batchnorm_train_and_eval_match_torch(shape, eps, torch_momentum, rng):
+    c = shape[-1]
+    tbn = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(c, eps=eps, momentum=torch_momentum)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(rng.standard_normal(c).astype(np.float32)))
+        tbn.bias.copy_(torch.from_numpy(rng.standard_normal(c).astype(np.float32)))
+        tbn.running_mean.copy_(torch.from_numpy(rng.standard_normal(c).astype(np.float32)))
+        tbn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
+    bn = layers.BatchNorm(c, epsilon=eps, momentum=1.0 - torch_momentum)
+    bn.scale[...] = jnp.asarray(tbn.weight.detach().numpy())
+    bn.bias[...] = jnp.asarray(tbn.bias.detach().numpy())
+    bn.mean[...] = jnp.asarray(tbn.running_mean.numpy())
+    bn.var[...] = jnp.asarray(tbn.running_var.numpy())
+
+    def nhwc(a):
+        return a.transpose(0, 2, 3, 1) if a.ndim == 4 else a
+
+    for step in range(3):  # train mode: batch statistics, running stats updated with the unbiased variance
+        x = (3.0 + 2.0 * rng.standard_normal(shape)).astype(np.float32)
+        x_torch = torch.from_numpy(x.transpose(0, 3, 1, 2).copy() if x.ndim == 4 else x)
+        tbn.train()
+        with torch.no_grad():
+            ref = nhwc(tbn(x_torch).numpy())
+        bn.use_running_average = False
+        out = np.asarray(bn(jnp.asarray(x)))
+        np.testing.assert_allclose(out, ref, atol=2e-5)
+        np.testing.assert_allclose(np.asarray(bn.mean[...]), tbn.running_mean.numpy(), atol=1e-6)
+        np.testing.assert_allclose(np.asarray(bn.var[...]), tbn.running_var.numpy(), rtol=1e-6)
+        assert int(bn.num_batches_tracked[...]) == int(tbn.num_batches_tracked) == step + 1
+    tbn.eval()
+    bn.use_running_average = True
+    with torch.no_grad():
+        ref = nhwc(tbn(x_torch).numpy())
+    np.testing.assert_allclose(np.asarray(bn(jnp.asarray(x))), ref, atol=2e-5)
+    assert int(bn.num_batches_tracked[...]) == 3  # eval does not count
+
+
+def test_conv_init_is_torchvision_fan_out_normal():
+    w = np.asarray(layers.conv_init(np.random.default_rng(0), (3, 3, 64, 128), jnp.float32))
+    ref = torch.empty(128, 64, 3, 3)
+    torch.nn.init.kaiming_normal_(ref, mode="fan_out", nonlinearity="relu")
+    expected_std = np.sqrt(2.0 / (3 * 3 * 128))
+    assert abs(w.std() / expected_std - 1) < 0.02
+    assert abs(ref.std().item() / expected_std - 1) < 0.02
+    assert np.abs(w).max() > 3 * expected_std  # plain normal, not truncated at 2 std

@@ -1,0 +1,22 @@
+"""Train a ResMobileNet: python train.py --config configs/v2.py --workdir runs/v2 [--config.key=value ...]"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+config_flags.DEFINE_config_file("config", None, "configs/v1.py or configs/v2.py, optionally with :PRESET", lock_config=True)
+flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and reports")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from resmobile_jax.cli import quiet_logging
+    from resmobile_jax.train import train_and_evaluate
+
+    quiet_logging()
+    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+
+
+if __name__ == "__main__":
+    app.run(main)

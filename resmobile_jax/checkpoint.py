@@ -32,7 +32,7 @@ def model_state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     pure = nnx.state(model, nnx.Param, nnx.BatchStat)
     flat = {}
     for part in pure:
-        for path, leaf in jax.tree_util.tree_flatten_with_path(part.to_pure_dict())[0]:
+        for path, leaf in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(part))[0]:
             flat[_key(path)] = np.asarray(leaf)
     return flat
 
@@ -51,7 +51,7 @@ def load_state_dict(model: nnx.Module, flat: dict[str, Any]) -> None:
         raise ValueError(_mismatch_message(missing, unexpected, [(k, np.shape(flat[k]), expected[k][0]) for k in wrong]))
     for filt in (nnx.Param, nnx.BatchStat):
         state = nnx.state(model, filt)
-        pure = state.to_pure_dict()
+        pure = nnx.to_pure_dict(state)
         new = jax.tree_util.tree_map_with_path(lambda p, leaf: np.asarray(flat[_key(p)], dtype=leaf.dtype), pure)
         nnx.replace_by_pure_dict(state, new)
         nnx.update(model, state)

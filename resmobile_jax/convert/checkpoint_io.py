@@ -116,11 +116,11 @@ def write_state_dict(state: dict[str, np.ndarray], path: str | os.PathLike) -> P
         if path.suffix == ".safetensors":
             from safetensors.numpy import save_file
 
-            save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp))
+            save_file({k: np.array(v, order="C") for k, v in state.items()}, str(tmp))
         else:
             import torch
 
-            torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state.items()}, tmp)
+            torch.save({k: torch.from_numpy(np.array(v, order="C")) for k, v in state.items()}, tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -121,7 +121,7 @@ def detect_format(keys) -> str:
     keys = set(keys)
     if any(k.startswith(("stem.", "mid.", "tail.", "head.")) for k in keys):
         return "resmobilenet"
-    if any(k.startswith("features.") for k in keys):
+    if {"features.0.0.weight", "features.1.block.0.0.weight"} <= keys:
         return "torchvision_mobilenet_v3"
     if "conv1.weight" in keys and any(k.startswith("layer1.") for k in keys):
         return "torchvision_resnet"

@@ -48,7 +48,7 @@ def load_state_dict(model: nnx.Module, flat: dict[str, Any]) -> None:
     unexpected = sorted(set(flat) - set(expected))
     wrong = sorted(k for k in set(expected) & set(flat) if tuple(np.shape(flat[k])) != expected[k][0])
     if missing or unexpected or wrong:
-        raise ValueError(_mismatch_message(missing, unexpected, [(k, np.shape(flat[k]), expected[k][0]) for k in wrong]))
+        raise ValueError(mismatch_message(missing, unexpected, [(k, np.shape(flat[k]), expected[k][0]) for k in wrong]))
     for filt in (nnx.Param, nnx.BatchStat):
         state = nnx.state(model, filt)
         pure = nnx.to_pure_dict(state)
@@ -57,7 +57,7 @@ def load_state_dict(model: nnx.Module, flat: dict[str, Any]) -> None:
         nnx.update(model, state)
 
 
-def _mismatch_message(missing, unexpected, wrong, limit: int = 20) -> str:
+def mismatch_message(missing, unexpected, wrong, limit: int = 20) -> str:
     def listing(items):
         items = list(items)
         more = f" ... and {len(items) - limit} more" if len(items) > limit else ""

@@ -14,3 +14,9 @@ def quiet_logging() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
     for name in ("jax._src.xla_bridge", "orbax", "absl"):
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def parse_size(text) -> tuple[int, int]:
+    """'224' -> (224, 224); '96x128' -> (96, 128): image sizes on the command line are H or HxW."""
+    h, _, w = str(text).lower().partition("x")
+    return int(h), int(w or h)

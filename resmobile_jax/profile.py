@@ -143,19 +143,14 @@ def format_table(result: dict) -> str:
 def main(argv):
     from absl import flags
 
-    from resmobile_jax.cli import quiet_logging
+    from resmobile_jax.cli import parse_size, quiet_logging
 
     del argv
     quiet_logging()
     cfg = flags.FLAGS.config
     size = flags.FLAGS.input_size
-    result = profile_model(cfg.model, None if size == "config" else _parse_size(size))
+    result = profile_model(cfg.model, None if size == "config" else parse_size(size))
     print(json.dumps(result, indent=2) if flags.FLAGS.json else format_table(result))
-
-
-def _parse_size(text: str):
-    h, _, w = str(text).lower().partition("x")
-    return int(h), int(w or h)
 
 
 if __name__ == "__main__":

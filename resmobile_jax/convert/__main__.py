@@ -6,12 +6,8 @@ import argparse
 import json
 import sys
 
+from resmobile_jax.cli import parse_size
 from resmobile_jax.convert.checkpoint_io import CheckpointError
-
-
-def _parse_size(text: str) -> tuple[int, int]:
-    h, _, w = text.lower().partition("x")
-    return int(h), int(w or h)
 
 
 def cmd_to_flax(args) -> int:
@@ -75,7 +71,7 @@ def cmd_check(args) -> int:
     embedding_dim = args.embedding_dim or (embedding_dim_of(state) if state else None) or 512
     result = parity_check(
         args.variant, state, embedding_dim=embedding_dim, v2_output_stride=args.v2_output_stride,
-        image_size=_parse_size(args.image_size), batch=args.batch, depthwise_impl=args.depthwise_impl, seed=args.seed,
+        image_size=parse_size(args.image_size), batch=args.batch, depthwise_impl=args.depthwise_impl, seed=args.seed,
     )
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0 if result["passed"] else 1

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from resmobile_jax.checkpoint import _mismatch_message, load_state_dict, model_state_dict
+from resmobile_jax.checkpoint import mismatch_message, load_state_dict, model_state_dict
 from resmobile_jax.convert.checkpoint_io import CheckpointError
 from resmobile_jax.convert.layout import SOURCE_FORMATS, canonical_layout, detect_format, source_layout, to_flax, to_torch
 from resmobile_jax.models import ResMobileNet
@@ -75,14 +75,11 @@ def torch_to_flax(state: dict[str, np.ndarray], model: ResMobileNet, partial: bo
         )
     target = model_state_dict(model)
     new = dict(target)
-    loaded, mismatched = [], []
-    used = set()
+    loaded, mismatched, unexpected = [], [], set(state)
     for e in source_layout(fmt, source_variant):
-        if e.torch_key not in state:
+        if e.torch_key not in state or e.flax_key not in target:
             continue
-        used.add(e.torch_key)
-        if e.flax_key not in target:
-            continue
+        unexpected.discard(e.torch_key)
         value = to_flax(e.kind, state[e.torch_key])
         if value.shape != target[e.flax_key].shape:
             mismatched.append((e.torch_key, value.shape, target[e.flax_key].shape))
@@ -94,13 +91,11 @@ def torch_to_flax(state: dict[str, np.ndarray], model: ResMobileNet, partial: bo
         source_format=fmt,
         loaded=loaded,
         missing=sorted(k for k in target if k not in loaded_flax),
-        unexpected=sorted(
-            (set(state) - used) | {t for t in used if t not in {x for x, _ in loaded} and t not in {m[0] for m in mismatched}}
-        ),
+        unexpected=sorted(unexpected),
         mismatched=mismatched,
     )
     if not partial and not report.complete:
-        raise CheckpointError(_mismatch_message(report.missing, report.unexpected, report.mismatched))
+        raise CheckpointError(mismatch_message(report.missing, report.unexpected, report.mismatched))
     if not loaded:
         raise CheckpointError("no tensor of the checkpoint matches the model by name and shape; nothing to load")
     load_state_dict(model, new)

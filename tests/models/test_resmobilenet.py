@@ -1,3 +1,4 @@
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,9 +15,10 @@ def test_output_stride_and_shapes(variant, os_, expected):
     assert output_stride(variant, os_) == expected
     model = build_model(dict(variant=variant, embedding_dim=48, v2_output_stride=os_))
     stages = jax.eval_shape(lambda x: model.stages(x), jax.ShapeDtypeStruct((3, 128, 192, 3), jnp.float32))
-    assert stages["tail.5"].shape == (3, 128 // expected, 192 // expected, 160)
-    assert stages["stem"].shape[-1] == (16 if variant == "v1" else 64)
-    assert stages["embedding"].shape == (3, 48)
+    chex.assert_shape(stages["tail.5"], (3, 128 // expected, 192 // expected, 160))
+    chex.assert_shape(stages["stem"], (3, None, None, 16 if variant == "v1" else 64))
+    chex.assert_shape(stages["embedding"], (3, 48))
+    chex.assert_type(stages["embedding"], jnp.float32)
 
 
 @pytest.mark.parametrize("variant,os_", [("v1", 32), ("v2", 32), ("v2", 64)])
@@ -31,7 +33,8 @@ def test_embeddings_are_unit_norm_float32_even_in_bfloat16():
     model = build_model(dict(variant="v2", embedding_dim=64, dtype="bfloat16"))
     x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 64, 64, 3)), jnp.float32)
     emb = nnx.jit(lambda m, images: m(images))(model, x)  # eager bf16 would compile op by op
-    assert emb.dtype == jnp.float32
+    chex.assert_type(emb, jnp.float32)
+    chex.assert_type(nnx.jit(lambda m, images: m.stages(images)["tail.5"])(model, x), jnp.bfloat16)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(emb), axis=-1), 1.0, atol=1e-5)
     p = nnx.state(model, nnx.Param)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(p))

@@ -16,7 +16,6 @@ from pathlib import Path
 import jax
 import jax.extend
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from resmobile_jax.models import PARTS, ResMobileNet, build_model, input_hw

@@ -42,6 +42,9 @@ def to_flax(kind: str, t: np.ndarray) -> np.ndarray:
 
 
 def to_torch(kind: str, a: np.ndarray) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.name == "bfloat16":  # bf16 params (ml_dtypes): torch.from_numpy and safetensors.numpy cannot take them
+        a = a.astype(np.float32)
     if kind == "conv":
         return np.ascontiguousarray(a.transpose(3, 2, 0, 1))
     if kind == "fc1x1":

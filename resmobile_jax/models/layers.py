@@ -78,7 +78,7 @@ def max_pool_3x3_s2(x: Array) -> Array:
     """ResNet's MaxPool2d(3, stride=2, padding=1): the padding is -inf, so it never wins the max."""
     return jax.lax.reduce_window(
         x,
-        jnp.array(-jnp.inf, dtype=x.dtype),
+        -jnp.inf,  # a Python scalar, so JAX sees reduce_window_max and can differentiate it
         jax.lax.max,
         window_dimensions=(1, 3, 3, 1),
         window_strides=(1, 2, 2, 1),

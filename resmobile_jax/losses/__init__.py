@@ -19,7 +19,11 @@ class Loss(NamedTuple):
 
 
 def _pair(fn):
-    return lambda embeddings, labels, params, **kw: fn(embeddings, labels, **kw)
+    def loss(embeddings, labels, params, **kw):
+        return fn(embeddings, labels, **kw)
+
+    loss.__wrapped_loss__ = fn  # parse_hparams reads the real signature
+    return loss
 
 
 LOSSES: dict[str, Loss] = {
@@ -44,3 +48,26 @@ def get_loss(name: str, **hyperparameters) -> Loss:
 
 
 init_class_vectors = proxy_losses.init_class_vectors
+
+
+def parse_hparams(name: str, text: str) -> dict[str, float]:
+    """'margin=0.2,scale=32' -> {'margin': 0.2, 'scale': 32.0}, checked against the loss's keyword arguments."""
+    import inspect
+
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; choose one of {', '.join(sorted(LOSSES))}")
+    fn = LOSSES[name].fn
+    target = getattr(fn, "__wrapped_loss__", fn)
+    allowed = [p.name for p in inspect.signature(target).parameters.values() if p.default is not inspect.Parameter.empty]
+    out = {}
+    for item in filter(None, (part.strip() for part in str(text or "").split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"loss.hparams item {item!r} is not name=value (e.g. margin=0.2)")
+        if key.strip() not in allowed:
+            raise ValueError(f"loss {name!r} has no hyperparameter {key.strip()!r}; it takes {', '.join(allowed) or 'none'}")
+        try:
+            out[key.strip()] = float(value)
+        except ValueError:
+            raise ValueError(f"loss.hparams {key.strip()}={value!r} is not a number") from None
+    return out

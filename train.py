@@ -11,10 +11,11 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from resmobile_jax.cli import quiet_logging
+    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
     from resmobile_jax.train import train_and_evaluate
 
     quiet_logging()
+    enable_compilation_cache()
     train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

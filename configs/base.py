@@ -55,7 +55,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.data.on_bad_file = "skip"  # image files that do not decode: "skip" (listed in WORKDIR/bad_files.txt) | "error"
 
     c.loss = ml_collections.ConfigDict()
-    c.loss.name = "multi_similarity"  # see resmobile_jax/losses: triplet, contrastive, multi_similarity, supcon,
+    c.loss.name = "normalized_softmax"  # see resmobile_jax/losses: triplet, contrastive, multi_similarity, supcon,
     #                                   ntxent, arcface, cosface, proxy_anchor, normalized_softmax
     c.loss.hparams = ""  # "name=value,..." e.g. --config.loss.hparams=margin=0.2,scale=32; empty: the loss's defaults
 
@@ -83,6 +83,8 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.train.best_metric = "map"
     c.train.async_checkpoints = True
     c.train.eval_ks = (1, 5, 10)
+    c.train.precise_bn_images = 4096  # before each evaluation, re-estimate BatchNorm statistics on this many train
+    #                                   images with the current weights (0: keep the running averages)
     c.train.init_from = ""  # a converted checkpoint (python -m resmobile_jax.convert to-flax) or an earlier run's workdir
     c.train.on_nonfinite = "stop"  # NaN/Inf loss or gradient: "stop" (with the last good checkpoint) | "skip" the update
     c.train.progress = True

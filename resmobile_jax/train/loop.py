@@ -30,6 +30,7 @@ from resmobile_jax.models import build_model, input_hw
 from resmobile_jax.retrieval import retrieval_metrics
 from resmobile_jax.train import checkpoints as ckpt_lib
 from resmobile_jax.train.metrics import MetricWriter
+from resmobile_jax.train.precise_bn import make_batch_stats_fn, recompute_batch_stats
 from resmobile_jax.train.state import create_train_state, make_optimizers, split_model
 from resmobile_jax.train.step import make_train_step
 from resmobile_jax.train.validate import check_config, check_workdir
@@ -190,7 +191,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": b, "model": config.model.to_dict(),
                 "metrics": metrics or {}}
 
+    stats_fn = make_batch_stats_fn(model, dtype, mesh) if int(config.train.precise_bn_images) else None
+
     def run_eval(step: int) -> dict:
+        nonlocal state
+        if stats_fn is not None:
+            params = state.ema_params if state.ema_params is not None else state.params
+            state = state.replace(batch_stats=recompute_batch_stats(
+                stats_fn, params, state.batch_stats, splits.train, preprocess, int(config.data.batch_size),
+                int(config.train.precise_bn_images), config.seed, mesh))
         metrics = evaluate_state(state, graphdef_eval, dtype, splits, preprocess, config, mesh, progress)
         writer.write(step, "eval", metrics)
         checkpoints.save_best(step, state, record(step, metrics), metrics)

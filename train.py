@@ -1,5 +1,7 @@
 """Train a ResMobileNet: python train.py --config configs/v2.py --workdir runs/v2 [--config.key=value ...]"""
 
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -16,7 +18,14 @@ def main(argv):
 
     quiet_logging()
     enable_compilation_cache()
-    train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    from resmobile_jax.data.idx import DatasetError
+    from resmobile_jax.train.loop import NonFiniteError
+    from resmobile_jax.train.validate import ConfigError
+
+    try:
+        train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
+    except (ConfigError, DatasetError, NonFiniteError) as e:  # the user's to fix: the message, not a traceback
+        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":

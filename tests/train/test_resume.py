@@ -1,0 +1,73 @@
+"""A run stopped by SIGTERM after some steps and restarted ends exactly where an uninterrupted run ends."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+ARGS = [
+    "--config", "configs/v1.py", "--config.train.num_steps=8", "--config.optimizer.warmup_steps=2",
+    "--config.data.batch_size=16", "--config.data.max_eval_images=300", "--config.train.precise_bn_images=64",
+    "--config.train.checkpoint_every_steps=4", "--config.train.log_every_steps=1", "--config.train.progress=False",
+]
+
+
+def start(workdir):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.Popen([sys.executable, "train.py", "--workdir", str(workdir), *ARGS], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def train_steps_logged(workdir):
+    path = Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    return max((json.loads(line)["step"] for line in path.read_text().splitlines() if '"train"' in line), default=0)
+
+
+def final_params(workdir):
+    directory = Path(workdir) / "checkpoints"
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+    step = manager.latest_step()
+    state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore()))["state"]
+    return step, jax.tree.map(np.asarray, {k: state[k] for k in ("params", "batch_stats", "opt_state", "step")})
+
+
+def test_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    full, interrupted = tmp_path / "full", tmp_path / "interrupted"
+    out, _ = start(full).communicate(timeout=1200)
+    assert (full / "final_metrics.json").exists(), out[-3000:]
+
+    proc = start(interrupted)
+    deadline = time.time() + 1200
+    while train_steps_logged(interrupted) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 128 + signal.SIGTERM, out[-3000:]
+    assert "rerun the same command to resume" in out
+    assert not (interrupted / "final_metrics.json").exists()
+    stopped_at, _ = final_params(interrupted)
+    assert 3 <= stopped_at < 8
+
+    out, _ = start(interrupted).communicate(timeout=1200)
+    assert f"resumed from {interrupted / 'checkpoints'} at step {stopped_at}" in out, out[-3000:]
+
+    step_a, a = final_params(full)
+    step_b, b = final_params(interrupted)
+    assert step_a == step_b == 8
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+    ma = json.loads((full / "final_metrics.json").read_text())
+    mb = json.loads((interrupted / "final_metrics.json").read_text())
+    for key in ("precision_at_1", "map", "map_at_r", "recall_at_5"):
+        assert ma[key] == mb[key], key

@@ -5,7 +5,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(__file__))  # config_flags loads this file by path; make base.py importable
 
-from base import get_base_config  # noqa: E402
+from base import get_base_config
 
 
 def get_config(preset=None):

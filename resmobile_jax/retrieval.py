@@ -13,7 +13,7 @@ items); R-Precision and MAP@R as in Musgrave et al., "A Metric Learning Reality 
 from __future__ import annotations
 
 import functools
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp

@@ -6,9 +6,16 @@ import dataclasses
 
 import numpy as np
 
-from resmobile_jax.checkpoint import mismatch_message, load_state_dict, model_state_dict
+from resmobile_jax.checkpoint import load_state_dict, mismatch_message, model_state_dict
 from resmobile_jax.convert.checkpoint_io import CheckpointError
-from resmobile_jax.convert.layout import SOURCE_FORMATS, canonical_layout, detect_format, source_layout, to_flax, to_torch
+from resmobile_jax.convert.layout import (
+    SOURCE_FORMATS,
+    canonical_layout,
+    detect_format,
+    source_layout,
+    to_flax,
+    to_torch,
+)
 from resmobile_jax.models import ResMobileNet
 
 

@@ -8,7 +8,8 @@ resnet classification checkpoints) are the canonical table with renamed prefixes
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple
+from collections.abc import Iterator
+from typing import NamedTuple
 
 import numpy as np
 

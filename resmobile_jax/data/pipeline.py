@@ -9,7 +9,7 @@ only its own columns of it.
 from __future__ import annotations
 
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 

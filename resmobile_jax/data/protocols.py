@@ -95,9 +95,9 @@ def load_splits(data: ml_collections.ConfigDict, seed: int, progress: bool = Fal
         where = str(root)
     else:
         if name == "fashion_mnist":
-            load = lambda split: sources.fashion_mnist(split, data.manual_dir or None, data.data_dir or None)  # noqa: E731
+            load = lambda split: sources.fashion_mnist(split, data.manual_dir or None, data.data_dir or None)
         else:
-            load = lambda split: sources.tfds_split(  # noqa: E731
+            load = lambda split: sources.tfds_split(
                 name, split, data_dir=data.data_dir or None, manual_dir=data.manual_dir or None,
                 image_key=data.image_key, label_key=data.label_key,
             )

@@ -10,8 +10,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -38,7 +38,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: np.ndarray) -> "ImageSet":
+    def subset(self, index: np.ndarray) -> ImageSet:
         images = self.images[index] if isinstance(self.images, np.ndarray) else [self.images[i] for i in index]
         return ImageSet(images, self.labels[index], self.class_names)
 

@@ -7,7 +7,8 @@ loss_params (it is {}), proxy losses read `loss_params["proxies"]`. All are jit-
 from __future__ import annotations
 
 import functools
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 from resmobile_jax.losses import pair_losses, proxy_losses
 

@@ -8,7 +8,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from resmobile_jax.losses.pairs import NEG_INF, cosine_matrix, euclidean_matrix, label_masks, masked_logsumexp, masked_mean, mean_nonzero
+from resmobile_jax.losses.pairs import (
+    NEG_INF,
+    cosine_matrix,
+    euclidean_matrix,
+    label_masks,
+    masked_logsumexp,
+    masked_mean,
+    mean_nonzero,
+)
 
 
 def triplet_batch_hard(embeddings, labels, margin: float = 0.05):

@@ -7,7 +7,8 @@ running variance, max-pool pads with -inf, and convolutions use torchvision's fa
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import jax
 import jax.numpy as jnp

@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 from flax import nnx
 
 from resmobile_jax import parallel
@@ -68,7 +67,7 @@ def _initialize_from(path: str, model, expect_variant: str) -> str:
 
     p = Path(path)
     if (p / METADATA_FILE).is_file():
-        source, meta = load_model(p, expect_variant=expect_variant)
+        source, _ = load_model(p, expect_variant=expect_variant)
         load_state_dict(model, model_state_dict(source))
         return f"converted checkpoint {p}"
     if (p / ckpt_lib.LATEST_DIR).is_dir():

@@ -7,7 +7,7 @@ cross-device reductions, so BatchNorm statistics and pair losses see the global 
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp

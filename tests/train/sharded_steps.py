@@ -13,21 +13,21 @@ import jax
 
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 
-from resmobile_jax import parallel  # noqa: E402
+from resmobile_jax import parallel
 
 parallel.maybe_initialize_distributed()
 
-import numpy as np  # noqa: E402
+import numpy as np
 
-from configs.v1 import get_config  # noqa: E402
-from resmobile_jax.checkpoint import _key  # noqa: E402
-from resmobile_jax.data.pipeline import TrainBatches  # noqa: E402
-from resmobile_jax.data.preprocess import Preprocess  # noqa: E402
-from resmobile_jax.data.sources import fashion_mnist  # noqa: E402
-from resmobile_jax.losses import get_loss  # noqa: E402
-from resmobile_jax.models import build_model  # noqa: E402
-from resmobile_jax.train.state import create_train_state, make_optimizers, split_model  # noqa: E402
-from resmobile_jax.train.step import make_train_step  # noqa: E402
+from configs.v1 import get_config
+from resmobile_jax.checkpoint import _key
+from resmobile_jax.data.pipeline import TrainBatches
+from resmobile_jax.data.preprocess import Preprocess
+from resmobile_jax.data.sources import fashion_mnist
+from resmobile_jax.losses import get_loss
+from resmobile_jax.models import build_model
+from resmobile_jax.train.state import create_train_state, make_optimizers, split_model
+from resmobile_jax.train.step import make_train_step
 
 
 def main(out: str, steps: int) -> None:

@@ -41,7 +41,6 @@ def assert_same_training(a_file, b_file, rel=2e-3):
             continue
         # The 1e-6 floor covers tensors that are ~0: updates of params whose true gradient is 0 (the head fc bias feeds a
         # BatchNorm) and running means near 0, where the value itself is float32 rounding noise.
-        # update itself is rounding noise of ~1e-9.
         diff, norm = np.linalg.norm(a[k] - b[k]), np.linalg.norm(a[k])
         worst = max(worst, diff / max(norm, 1e-12))
         assert diff < rel * norm + 1e-6, f"{k}: difference {diff:.2e}, update norm {norm:.2e}"

@@ -1,10 +1,7 @@
 #!/usr/bin/env bash
-# The main job, from a fresh machine: bash scripts/main.sh
-# Until training (issue #3) and the comparison report (issue #4) land, it proves the Flax models against
-# torchvision and profiles both variants.
-source "$(dirname "$0")/_venv.sh" requirements-test.txt
+# The main job, from a fresh machine: bash scripts/main.sh [extra flags for resmobile_jax.compare]
+# Trains ResMobileNet V1 and V2 on the embedded Fashion-MNIST with identical settings, evaluates both against the
+# raw-pixel baseline, and writes runs/compare/report.md (+ report.json). Rerunning reuses finished runs.
+source "$(dirname "$0")/_venv.sh" requirements.txt
 source scripts/_data.sh
-for v in v1 v2; do
-  .venv/bin/python -m resmobile_jax.convert check --variant "$v"
-  .venv/bin/python -m resmobile_jax.profile --config "configs/$v.py"
-done
+exec .venv/bin/python -m resmobile_jax.compare --workdir runs/compare "$@"

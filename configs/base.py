@@ -47,7 +47,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.data.batch_size = 64  # global batch over all devices and hosts
     c.data.p = 8  # classes per batch for pair losses (P x K == batch_size)
     c.data.k = 8  # images per class per batch
-    c.data.rrc_scale = (0.5, 1.0) if cpu else (0.08, 1.0)  # RandomResizedCrop area range
+    c.data.rrc_scale = (0.85, 1.0) if cpu else (0.08, 1.0)  # RandomResizedCrop area range
     c.data.flip = True
     c.data.eval_crop_fraction = 1.0 if cpu else 0.875  # center crop = this share of the resized shorter side
     c.data.eval_batch_size = 256
@@ -61,7 +61,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"  # or "sgd" (nesterov momentum)
-    c.optimizer.learning_rate = 1e-3 if cpu else 2e-3  # peak, after warmup
+    c.optimizer.learning_rate = 3e-3 if cpu else 2e-3  # peak, after warmup
     c.optimizer.warmup_steps = 200 if cpu else 1000
     c.optimizer.final_lr_fraction = 0.01  # cosine decays to this share of the peak
     c.optimizer.weight_decay = 1e-4 if cpu else 0.05  # kernels only, never BatchNorm or biases
@@ -71,7 +71,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.optimizer.nesterov = True
     c.optimizer.grad_clip_norm = 5.0  # 0 disables
     c.optimizer.loss_lr_multiplier = 100.0  # learned proxies / class weights: this times the network's LR
-    c.optimizer.ema_decay = 0.0  # e.g. 0.999 keeps an EMA of the weights; evaluation then uses it
+    c.optimizer.ema_decay = 0.998 if cpu else 0.9999  # EMA of the weights, used for evaluation; 0 disables
 
     c.train = ml_collections.ConfigDict()
     c.train.num_epochs = 2 if cpu else 60

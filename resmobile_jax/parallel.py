@@ -55,13 +55,6 @@ def check_global_batch(global_batch_size: int, what: str = "data.batch_size") ->
     return global_batch_size // n_proc
 
 
-def process_slice(global_batch_size: int) -> slice:
-    """Which columns of a global batch this process reads (each host loads only its own images)."""
-    per = global_batch_size // jax.process_count()
-    start = jax.process_index() * per
-    return slice(start, start + per)
-
-
 def global_batch(local: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
     """Assembles this process's rows of every field into global arrays sharded over the mesh."""
     return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}

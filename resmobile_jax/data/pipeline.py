@@ -18,16 +18,21 @@ from resmobile_jax.data.preprocess import Preprocess
 from resmobile_jax.data.sources import ImageSet
 
 
+def process_columns(batch_size: int, process_index: int, process_count: int) -> slice:
+    """Which columns of a global batch this process loads (each host reads only its own images)."""
+    if batch_size % process_count:
+        raise ValueError(f"batch size {batch_size} does not split over {process_count} processes")
+    per = batch_size // process_count
+    return slice(process_index * per, (process_index + 1) * per)
+
+
 class TrainBatches:
     """Global batches of `batch_size` images; P x K class-balanced when `pk` is (P, K), else shuffled."""
 
     def __init__(self, images: ImageSet, preprocess: Preprocess, batch_size: int, seed: int, pk: tuple[int, int] | None,
                  process_index: int = 0, process_count: int = 1, workers: int = 2):
         self.images, self.preprocess, self.batch_size, self.seed, self.pk = images, preprocess, batch_size, seed, pk
-        if batch_size % process_count:
-            raise ValueError(f"batch size {batch_size} does not split over {process_count} processes")
-        per = batch_size // process_count
-        self.columns = slice(process_index * per, (process_index + 1) * per)
+        self.columns = process_columns(batch_size, process_index, process_count)
         self.workers = workers
         if pk:
             sampling.check_pk(images.labels, pk[0], pk[1], batch_size)
@@ -90,8 +95,7 @@ def eval_batches(images: ImageSet, preprocess: Preprocess, batch_size: int, proc
     """(this process's part of each global eval batch, number of real items in the global batch). The last batch is
     padded with copies of item 0 so every batch has the same shape; callers drop the padding."""
     n = len(images)
-    per = batch_size // process_count
-    cols = slice(process_index * per, (process_index + 1) * per)
+    cols = process_columns(batch_size, process_index, process_count)
     for start in range(0, n, batch_size):
         index = np.arange(start, start + batch_size)
         real = int(min(batch_size, n - start))

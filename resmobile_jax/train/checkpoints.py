@@ -71,17 +71,3 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
-
-
-def read_record(workdir: str | Path, best: bool = False) -> tuple[int, dict] | None:
-    """(step, JSON record) of a run's latest (or best) checkpoint, without building a model; None if there is none."""
-    directory = Path(workdir).absolute() / (BEST_DIR if best else LATEST_DIR)
-    if not directory.is_dir():
-        return None
-    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
-    step = manager.latest_step()
-    if step is None:
-        return None
-    record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore()))["record"]
-    manager.close()
-    return step, dict(record)

@@ -32,7 +32,7 @@ from resmobile_jax.train.metrics import MetricWriter
 from resmobile_jax.train.precise_bn import make_batch_stats_fn, recompute_batch_stats
 from resmobile_jax.train.state import create_train_state, make_optimizers, split_model
 from resmobile_jax.train.step import make_train_step
-from resmobile_jax.train.validate import check_config, check_workdir
+from resmobile_jax.train.validate import ConfigError, check_config, check_workdir
 
 RUN_FILE = "run.json"
 RESULT_FILE = "final_metrics.json"
@@ -75,14 +75,15 @@ def _initialize_from(path: str, model, expect_variant: str) -> str:
         variant = run.get("config", {}).get("model", {}).get("variant", expect_variant)
         if variant != expect_variant:
             raise ValueError(f"init_from {p} is a ResMobileNet {variant} run, but this run trains {expect_variant}")
+        import orbax.checkpoint as ocp
+
         _, params, batch_stats = split_model(model)
-        manager = ckpt_lib.RunCheckpoints(p, keep=1, async_save=False)
+        # Read-only: another run's workdir is never written to.
+        manager = ocp.CheckpointManager(p / ckpt_lib.LATEST_DIR, options=ocp.CheckpointManagerOptions(read_only=True))
         step = manager.latest_step()
         if step is None:
             raise ValueError(f"init_from {p} has no checkpoint yet")
-        import orbax.checkpoint as ocp
-
-        restored = manager.latest.restore(
+        restored = manager.restore(
             step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
                 item={"params": ckpt_lib.abstract_like(params), "batch_stats": ckpt_lib.abstract_like(batch_stats)},
                 partial_restore=True))
@@ -118,9 +119,8 @@ class _StopRequest:
             signal.signal(sig, old)
 
 
-def evaluate_state(state, graphdef_eval, dtype, splits: Splits, preprocess, config, mesh, progress) -> dict:
+def evaluate_state(state, embed_fn, splits: Splits, preprocess, config, mesh, progress) -> dict:
     """Retrieval metrics of the current weights (EMA weights when kept) on the evaluation set, leave-one-out."""
-    embed_fn = make_embed_fn(graphdef_eval, dtype, mesh)
     params = state.ema_params if state.ema_params is not None else state.params
     emb = embed_images(embed_fn, params, state.batch_stats, splits.eval, preprocess, int(config.data.eval_batch_size),
                        mesh, progress)
@@ -144,10 +144,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     loss = get_loss(config.loss.name, **parse_hparams(config.loss.name, config.loss.hparams))
     pk = (int(config.data.p), int(config.data.k)) if loss.wants_pk_batches else None
     preprocess = _preprocess(config)
-    batches = TrainBatches(splits.train, preprocess, int(config.data.batch_size), config.seed, pk,
-                           jax.process_index(), jax.process_count(), int(config.data.workers))
-    total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * batches.steps_per_epoch
-    tx, loss_tx, schedule = make_optimizers(config, total_steps)
+    try:  # settings that only fail against the data (P > classes, batch > images, warmup > run): the user's to fix
+        batches = TrainBatches(splits.train, preprocess, int(config.data.batch_size), config.seed, pk,
+                               jax.process_index(), jax.process_count(), int(config.data.workers))
+        total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * batches.steps_per_epoch
+        tx, loss_tx, schedule = make_optimizers(config, total_steps)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     if main:
         print(f"ResMobileNet {config.model.variant} | {splits.description} | loss {config.loss.name} | "
               f"{total_steps} steps of {config.data.batch_size} ({batches.steps_per_epoch}/epoch) on "
@@ -156,7 +159,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
     model = build_model(config.model, config.seed)
     if config.train.init_from:
-        origin = _initialize_from(config.train.init_from, model, config.model.variant)
+        try:
+            origin = _initialize_from(config.train.init_from, model, config.model.variant)
+        except (ValueError, FileNotFoundError) as e:
+            raise ConfigError(f"train.init_from: {e}") from None
         if main:
             print(f"initialized from {origin}")
     model.eval()
@@ -190,6 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         return {"step": step, "epoch": epoch, "batch_in_epoch": b, "model": config.model.to_dict(),
                 "metrics": metrics or {}}
 
+    embed_fn = make_embed_fn(graphdef_eval, dtype, mesh)  # built once: a new jit per evaluation would recompile
     stats_fn = make_batch_stats_fn(model, dtype, mesh) if int(config.train.precise_bn_images) else None
 
     def run_eval(step: int) -> dict:
@@ -199,7 +206,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             state = state.replace(batch_stats=recompute_batch_stats(
                 stats_fn, params, state.batch_stats, splits.train, preprocess, int(config.data.batch_size),
                 int(config.train.precise_bn_images), config.seed, mesh))
-        metrics = evaluate_state(state, graphdef_eval, dtype, splits, preprocess, config, mesh, progress)
+        metrics = evaluate_state(state, embed_fn, splits, preprocess, config, mesh, progress)
         writer.write(step, "eval", metrics)
         checkpoints.save_best(step, state, record(step, metrics), metrics)
         if main:

@@ -1,8 +1,10 @@
 """V1 vs V2 on the same data with the same settings: `python -m resmobile_jax.compare --workdir runs/compare`.
 
-Trains both variants (or reuses finished runs in WORKDIR/v1 and WORKDIR/v2; an interrupted run resumes), computes the
-raw-pixel baseline on the same evaluation set, profiles both models, and writes WORKDIR/report.md and report.json:
-the measured version of the seed's table, with the seed's predictions beside the measurements.
+Trains both variants with the same settings and seeds (or reuses finished runs in WORKDIR/v1, WORKDIR/v2, and
+WORKDIR/v1_seedN... with --seeds; an interrupted run resumes), computes the raw-pixel baseline on the same evaluation
+set, profiles and times both models, draws t-SNE pictures of the same images for both and retrieval grids of the same
+queries, and writes WORKDIR/report.md, report.json and the PNGs: the measured version of the seed's table, with the
+seed's predictions beside the measurements and a recommendation computed from them.
 """
 
 from __future__ import annotations
@@ -20,6 +22,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "directory for both runs and the report")
 flags.DEFINE_string("preset", "cpu", "config preset for both variants (cpu | accel)")
 flags.DEFINE_multi_string("set", [], "config override applied to both variants, e.g. --set train.num_epochs=3")
+flags.DEFINE_integer("seeds", 1, "train each variant with this many seeds (config seed, +1, ...); report mean ± std")
+flags.DEFINE_integer("tsne_points", 2000, "class-stratified evaluation subsample for t-SNE and cluster quality")
+
+BATCH_INPUT, BATCH_224 = 64, 32  # throughput batch sizes at the training input size and at 224 px
 
 # The seed note's predictions (shared/seed/resmobilenet_v1_vs_v2.en.md), quoted as written.
 SEED = {
@@ -50,16 +56,18 @@ def apply_overrides(config, overrides) -> None:
         node[last] = value
 
 
-def raw_pixel_baseline(config) -> dict:
-    """Leave-one-out retrieval on the evaluation images' pixels (eval preprocessing, flattened, cosine)."""
-    from resmobile_jax.data.protocols import load_splits
+def raw_pixel_baseline(config, splits, sample: np.ndarray) -> dict:
+    """Leave-one-out retrieval on the evaluation images' pixels (eval preprocessing, flattened, cosine), with the
+    cluster quality of the same t-SNE sample the models are judged on."""
     from resmobile_jax.retrieval import retrieval_metrics
     from resmobile_jax.train.loop import _preprocess
+    from resmobile_jax.visualize import cluster_quality
 
-    splits = load_splits(config.data, config.seed)
     pp = _preprocess(config)
     pixels = np.stack([pp.eval_image(x).astype(np.float32).ravel() for x in splits.eval.images])
-    return retrieval_metrics(pixels, splits.eval.labels, ks=tuple(config.train.eval_ks))
+    result = retrieval_metrics(pixels, splits.eval.labels, ks=tuple(config.train.eval_ks))
+    result["cluster_quality"] = cluster_quality(pixels[sample], splits.eval.labels[sample], int(config.seed))
+    return result
 
 
 def run_or_reuse(config, workdir: Path) -> dict:
@@ -78,36 +86,86 @@ def run_or_reuse(config, workdir: Path) -> dict:
     return result
 
 
-def recommendation(r1: dict, r2: dict, p1: dict, p2: dict) -> str:
-    d_map = r2["map"] - r1["map"]
-    d_p1 = r2["precision_at_1"] - r1["precision_at_1"]
+def run_dir(workdir: Path, variant: str, index: int) -> Path:
+    """Seed index 0 lives in WORKDIR/v1 (so one-seed and several-seed comparisons share it), the others beside it."""
+    return workdir / (variant if index == 0 else f"{variant}_seed{index}")
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    v = np.asarray(values, np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def difference_verdict(a: list[float], b: list[float]) -> str:
+    """How b - a compares with seed-to-seed noise: 'within noise' when the mean difference is under two standard
+    errors of the difference (about a 95% interval), which needs at least 2 seeds per model to say."""
+    d = float(np.mean(b) - np.mean(a))
+    if len(a) < 2 or len(b) < 2:
+        return f"{d:+.4f} (one seed: noise not measured)"
+    se = float(np.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b)))
+    verdict = "within noise" if abs(d) < 2 * se else "beyond noise"
+    return f"{d:+.4f} ± {2 * se:.4f} (2 s.e.; {verdict})"
+
+
+def recommendation(runs: list[list[dict]], profiles, timings) -> str:
+    (r1, r2), (p1, p2) = runs, profiles
+    vals = lambda runs, k: [r[k] for r in runs]  # noqa: E731
+    d_map = np.mean(vals(r2, "map")) - np.mean(vals(r1, "map"))
+    d_p1 = np.mean(vals(r2, "precision_at_1")) - np.mean(vals(r1, "precision_at_1"))
     cost = p2["total"]["macs"] / p1["total"]["macs"] - 1
-    better = "V2" if d_map > 0 else "V1"
+    lat = [t["224"]["batch_1"]["median_ms"] for t in timings]
+    slower = lat[1] / lat[0] - 1
     lines = [
-        f"- V2 - V1: P@1 {d_p1:+.4f}, mAP {d_map:+.4f}; V2 costs {cost:+.0%} MACs at 224 px and "
-        f"{p2['total']['params'] / p1['total']['params'] - 1:+.1%} parameters.",
+        f"- V2 - V1: P@1 {difference_verdict(vals(r1, 'precision_at_1'), vals(r2, 'precision_at_1'))}, "
+        f"mAP {difference_verdict(vals(r1, 'map'), vals(r2, 'map'))}.",
+        f"- Cost of V2 at 224 px: {cost:+.0%} MACs, {p2['total']['params'] / p1['total']['params'] - 1:+.1%} parameters, "
+        f"{slower:+.0%} batch-1 latency on this machine ({lat[0]:.1f} vs {lat[1]:.1f} ms).",
     ]
-    if abs(d_map) < 0.01 and abs(d_p1) < 0.01:
-        lines.append("- The accuracy difference is under 1 point on both metrics: with one seed this is within run-to-run "
-                     "noise. On this data, V1 gives the same retrieval quality for less compute.")
-    elif better == "V2":
-        lines.append(f"- V2 retrieves better here; whether {cost:+.0%} compute is worth {d_map:+.4f} mAP depends on the "
-                     "latency budget (see the timing rows).")
-    else:
+    noise = len(r1) > 1 and all("within noise" in difference_verdict(vals(r1, k), vals(r2, k))
+                                for k in ("precision_at_1", "map"))
+    if noise or (len(r1) == 1 and abs(d_map) < 0.01 and abs(d_p1) < 0.01):
+        lines.append("- The accuracy difference is within seed-to-seed noise"
+                     + (" (or under 1 point with a single seed)" if len(r1) == 1 else "")
+                     + ": on this data V1 gives the same retrieval quality for less compute; keep V1.")
+    elif d_map > 0 and d_p1 > 0:
+        lines.append(f"- V2 retrieves better here; whether {cost:+.0%} compute and {slower:+.0%} latency are worth "
+                     f"{d_map:+.4f} mAP depends on the latency budget.")
+    elif d_map < 0 and d_p1 < 0:
         lines.append("- V1 is both cheaper and better here: keep V1.")
-    lines.append("- One seed per model; repeat with more seeds (or on the target data) before a final decision.")
+    else:
+        lines.append("- The metrics disagree on which model is better; V1 is cheaper, so keep V1 unless the metric "
+                     "that favours V2 is the one that matters.")
+    if len(r1) == 1:
+        lines.append("- One seed per model: rerun with `--seeds 3` (or on the target data) before a final decision.")
     return "\n".join(lines)
 
 
-def write_report(workdir: Path, configs, results, profiles, baseline) -> str:
-    p1, p2 = profiles
-    r1, r2 = results
-    fmt = lambda v: f"{v:.4f}"  # noqa: E731
+def _cell(values, fmt="{:.4f}") -> str:
+    m, s = mean_std(values)
+    return fmt.format(m) + (f" ± {fmt.format(s)}" if len(values) > 1 else "")
+
+
+def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, timings) -> str:
+    (p1, p2), (a1, a2), (t1, t2) = profiles, analyses, timings
+    c = configs[0]
+    n_seeds = len(runs[0])
+    h, w = t1["input"]["input_hw"]
+    ms = lambda t, key, b: f"{t[key][f'batch_{b}']['median_ms']:.2f} ({t[key][f'batch_{b}']['p10_ms']:.2f}-{t[key][f'batch_{b}']['p90_ms']:.2f})"  # noqa: E731
+    ips = lambda t, key, b: f"{t[key][f'batch_{b}']['images_per_second']:.0f}"  # noqa: E731
     rows = [
         "| | V1 (MobileNet stem) | V2 (ResNet stem) | seed predicted V1 / V2 | raw pixels |",
         "|---|---:|---:|---|---:|",
         f"| stem output at 224 px (H, W, C) | {tuple(p1['parts']['stem']['output_shape'])} | "
         f"{tuple(p2['parts']['stem']['output_shape'])} | {SEED['stem output'][0]} / {SEED['stem output'][1]} | |",
+        f"| inference, batch 1, 224 px: ms median (p10-p90) | {ms(t1, '224', 1)} | {ms(t2, '224', 1)} | "
+        f"{SEED['inference time'][0]} / {SEED['inference time'][1]} | |",
+        f"| inference, batch 1, {h}x{w} px: ms median (p10-p90) | {ms(t1, 'input', 1)} | {ms(t2, 'input', 1)} | | |",
+        f"| throughput, batch {BATCH_224} at 224 px (images/s) | {ips(t1, '224', BATCH_224)} | {ips(t2, '224', BATCH_224)} | | |",
+        f"| throughput, batch {BATCH_INPUT} at {h}x{w} px (images/s) | {ips(t1, 'input', BATCH_INPUT)} | "
+        f"{ips(t2, 'input', BATCH_INPUT)} | | |",
+        f"| inference compile, batch 1, 224 px (s) | {t1['224']['batch_1']['compile_seconds']:.1f} | "
+        f"{t2['224']['batch_1']['compile_seconds']:.1f} | | |",
         f"| params | {p1['total']['params']:,} | {p2['total']['params']:,} | | |",
         f"| model size fp32 (MB) | {p1['total']['params_mb_fp32']:.2f} | {p2['total']['params_mb_fp32']:.2f} | "
         f"{SEED['model size'][0]} / {SEED['model size'][1]} | |",
@@ -117,41 +175,85 @@ def write_report(workdir: Path, configs, results, profiles, baseline) -> str:
     ]
     for key, label in METRICS:
         seed = f"{SEED['accuracy'][0]} / {SEED['accuracy'][1]}" if key == "precision_at_1" else ""
-        rows.append(f"| {label} | {fmt(r1[key])} | {fmt(r2[key])} | {seed} | {fmt(baseline[key])} |")
-    rows.append(f"| training wall time (s) | {r1.get('wall_seconds', r1['train_seconds_this_session']):.0f} | "
-                f"{r2.get('wall_seconds', r2['train_seconds_this_session']):.0f} | | |")
-    rows.append(f"| train-step compile (s) | {r1['train_step_compile_seconds']} | {r2['train_step_compile_seconds']} | | |")
-    c = configs[0]
+        rows.append(f"| {label} | {_cell([r[key] for r in runs[0]])} | {_cell([r[key] for r in runs[1]])} | {seed} | "
+                    f"{baseline[key]:.4f} |")
+    q1, q2 = a1["cluster_quality"], a2["cluster_quality"]
+    rows += [
+        f"| t-SNE sample: silhouette (cosine) | {q1['silhouette_cosine']:.4f} | {q2['silhouette_cosine']:.4f} | | "
+        f"{baseline['cluster_quality']['silhouette_cosine']:.4f} |",
+        f"| t-SNE sample: k-means NMI | {q1['kmeans_nmi']:.4f} | {q2['kmeans_nmi']:.4f} | | "
+        f"{baseline['cluster_quality']['kmeans_nmi']:.4f} |",
+        f"| training wall time (s) | {_cell([_wall(r) for r in runs[0]], '{:.0f}')} | "
+        f"{_cell([_wall(r) for r in runs[1]], '{:.0f}')} | | |",
+        f"| train-step compile (s) | {runs[0][0]['train_step_compile_seconds']} | {runs[1][0]['train_step_compile_seconds']} | | |",
+    ]
+    r1 = runs[0][0]
+    seeds = f"seed {c.seed}" if n_seeds == 1 else f"{n_seeds} seeds ({c.seed}..{c.seed + n_seeds - 1}), mean ± std"
     text = "\n".join([
         "# ResMobileNet V1 vs V2: measured",
         "",
         f"Data: {r1['data']}. Both models: {c.model.input_size} px input, embedding {c.model.embedding_dim}, loss "
         f"{c.loss.name}, {r1['step']} steps of batch {c.data.batch_size}, optimizer {c.optimizer.name} "
-        f"(peak LR {c.optimizer.learning_rate}), seed {c.seed}. Retrieval: evaluation set queried leave-one-out, cosine.",
+        f"(peak LR {c.optimizer.learning_rate}), {seeds}. Retrieval: evaluation set queried leave-one-out, cosine. "
+        f"Timing: {t1['224']['device']}, jitted, uint8 images in, embeddings out; "
+        f"compile excluded. Pictures: the first seed's models, {q1['points']} class-stratified evaluation images.",
         "",
         *rows,
         "",
         "## What the numbers say",
         "",
-        recommendation(r1, r2, p1, p2),
+        recommendation(runs, profiles, timings),
         "",
-        "Not yet measured here (issues #4/#5 follow-ups): inference latency and throughput, t-SNE pictures, several seeds.",
+        "## Pictures",
+        "",
+        "t-SNE of the same evaluation images for both models: ![t-SNE](tsne_v1_v2.png)",
+        "",
+        "Top-5 retrievals of the same queries (green = same class): [V1](retrieval_v1.png), [V2](retrieval_v2.png)",
         "",
     ])
     (workdir / "report.md").write_text(text)
     (workdir / "report.json").write_text(json.dumps(
-        {"v1": {"metrics": r1, "profile": p1}, "v2": {"metrics": r2, "profile": p2}, "raw_pixel_baseline": baseline},
-        indent=2, default=str) + "\n")
+        {"v1": {"runs": runs[0], "profile": p1, "timing": t1, "pictures": a1},
+         "v2": {"runs": runs[1], "profile": p2, "timing": t2, "pictures": a2},
+         "raw_pixel_baseline": baseline}, indent=2, default=str) + "\n")
     return text
+
+
+def _wall(r: dict) -> float:
+    return r.get("wall_seconds", r["train_seconds_this_session"])
+
+
+def analyse(config, run: Path, out: Path, splits, sample, queries) -> tuple[dict, dict, np.ndarray]:
+    """Pictures + cluster quality and inference timing of one trained model; also returns its t-SNE points."""
+    from resmobile_jax.evaluate import embed_split, load_run, pictures
+    from resmobile_jax.models import input_hw
+    from resmobile_jax.timing import inference_timing
+    from resmobile_jax.train.loop import _preprocess
+
+    loaded = load_run(run)
+    print(f"{config.model.variant}: embedding, t-SNE, retrieval grid ...", flush=True)
+    emb = embed_split(loaded, splits.eval, progress=False)
+    figs = pictures(out, config.model.variant, emb, splits.eval, _preprocess(config), sample, queries, int(config.seed))
+    points = figs.pop("tsne_points")
+    print(f"{config.model.variant}: timing inference ...", flush=True)
+    dtype = config.model.dtype
+    timing = {"input": inference_timing(loaded.model, input_hw(config.model.input_size), (1, BATCH_INPUT), dtype),
+              "224": inference_timing(loaded.model, (224, 224), (1, BATCH_224), dtype)}
+    return figs, timing, points
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.seeds < 1:
+        raise app.UsageError("--seeds must be at least 1")
     from configs import v1, v2
     from resmobile_jax.cli import enable_compilation_cache, quiet_logging
+    from resmobile_jax.data.protocols import load_splits
+    from resmobile_jax.evaluate import grid_queries_for
     from resmobile_jax.profile import profile_model
     from resmobile_jax.train.validate import ConfigError
+    from resmobile_jax.visualize import save_tsne, stratified_sample
 
     quiet_logging()
     enable_compilation_cache()
@@ -159,15 +261,34 @@ def main(argv):
     configs = [v1.get_config(FLAGS.preset), v2.get_config(FLAGS.preset)]
     for c in configs:
         apply_overrides(c, FLAGS.set)
+    runs = [[], []]
     try:
-        results = [run_or_reuse(c, workdir / c.model.variant) for c in configs]
+        for i in range(FLAGS.seeds):  # seed-major order: an early stop still leaves a like-for-like pair
+            for c, results in zip(configs, runs):
+                seeded = c.copy_and_resolve_references()
+                seeded.seed = c.seed + i
+                results.append(run_or_reuse(seeded, run_dir(workdir, c.model.variant, i)))
     except ConfigError as e:
         sys.exit(f"error: {e}")
+    c = configs[0]
+    splits = load_splits(c.data, int(c.seed))
+    sample = stratified_sample(splits.eval.labels, FLAGS.tsne_points, int(c.seed))
+    queries = grid_queries_for(splits.eval.labels, 8, int(c.seed))
     print("raw-pixel baseline ...", flush=True)
-    baseline = raw_pixel_baseline(configs[0])
-    profiles = [profile_model(c.model, 224, checkpoint_size=False) for c in configs]
-    print(write_report(workdir, configs, results, profiles, baseline))
-    print(f"wrote {workdir / 'report.md'} and report.json")
+    baseline = raw_pixel_baseline(c, splits, sample)
+    analyses, timings, points = [], [], []
+    for cfg in configs:
+        figs, timing, pts = analyse(cfg, run_dir(workdir, cfg.model.variant, 0), workdir, splits, sample, queries)
+        analyses.append(figs)
+        timings.append(timing)
+        points.append(pts)
+    save_tsne(workdir / "tsne_v1_v2.png",
+              [(f"{cfg.model.variant}: silhouette {a['cluster_quality']['silhouette_cosine']:.3f}, k-means NMI "
+                f"{a['cluster_quality']['kmeans_nmi']:.3f}", p) for cfg, a, p in zip(configs, analyses, points)],
+              splits.eval.labels[sample], splits.eval.class_names)
+    profiles = [profile_model(cfg.model, 224, checkpoint_size=False) for cfg in configs]
+    print(write_report(workdir, configs, runs, profiles, baseline, analyses, timings))
+    print(f"wrote {workdir / 'report.md'}, report.json and the PNGs")
 
 
 if __name__ == "__main__":

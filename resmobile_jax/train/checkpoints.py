@@ -14,6 +14,7 @@ from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
 
 LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
@@ -71,3 +72,30 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def read_run_weights(workdir: str | Path, parts: dict[str, Any], best: bool = False) -> tuple[dict[str, Any], int]:
+    """Reads only `parts` of the saved TrainState (e.g. {"params": like, "batch_stats": like}, the values giving shapes)
+    from a run's latest (or best) checkpoint. Read-only: another run's workdir is never written to."""
+    directory = Path(workdir).absolute() / (BEST_DIR if best else LATEST_DIR)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory} does not exist")
+    options = ocp.CheckpointManagerOptions(read_only=True, save_interval_steps=0, max_to_keep=None, create=False,
+                                           cleanup_tmp_directories=False)
+    verbosity = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)  # orbax warns that a read-only manager is read-only
+    try:
+        manager = ocp.CheckpointManager(directory, options=options)
+    finally:
+        absl_logging.set_verbosity(verbosity)
+    try:
+        step = manager.latest_step()  # best/ keeps a single checkpoint, the best one
+        if step is None:
+            raise FileNotFoundError(f"{directory} holds no finished checkpoint")
+        item = {k: abstract_like(v) for k, v in parts.items()}
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True)))
+    finally:
+        manager.close()
+    return dict(restored["state"]), step
+

@@ -75,20 +75,11 @@ def _initialize_from(path: str, model, expect_variant: str) -> str:
         variant = run.get("config", {}).get("model", {}).get("variant", expect_variant)
         if variant != expect_variant:
             raise ValueError(f"init_from {p} is a ResMobileNet {variant} run, but this run trains {expect_variant}")
-        import orbax.checkpoint as ocp
-
         _, params, batch_stats = split_model(model)
-        # Read-only: another run's workdir is never written to.
-        manager = ocp.CheckpointManager(p / ckpt_lib.LATEST_DIR, options=ocp.CheckpointManagerOptions(read_only=True))
-        step = manager.latest_step()
-        if step is None:
-            raise ValueError(f"init_from {p} has no checkpoint yet")
-        restored = manager.restore(
-            step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-                item={"params": ckpt_lib.abstract_like(params), "batch_stats": ckpt_lib.abstract_like(batch_stats)},
-                partial_restore=True))
-        )["state"]
-        manager.close()
+        try:
+            restored, step = ckpt_lib.read_run_weights(p, {"params": params, "batch_stats": batch_stats})
+        except FileNotFoundError:
+            raise ValueError(f"init_from {p} has no checkpoint yet") from None
         nnx.update(model, restored["params"], restored["batch_stats"])
         return f"run {p} at step {step}"
     raise ValueError(

@@ -25,7 +25,9 @@ flags.DEFINE_multi_string("set", [], "config override applied to both variants, 
 flags.DEFINE_integer("seeds", 1, "train each variant with this many seeds (config seed, +1, ...); report mean ± std")
 flags.DEFINE_integer("tsne_points", 2000, "class-stratified evaluation subsample for t-SNE and cluster quality")
 
-BATCH_INPUT, BATCH_224 = 64, 32  # throughput batch sizes at the training input size and at 224 px
+flags.DEFINE_integer("timing_size", 224, "second image size to time inference at (the seed's figures refer to 224)")
+
+BATCH_INPUT, BATCH_LARGE = 64, 32  # throughput batch sizes at the training input size and at --timing_size
 
 # The seed note's predictions (shared/seed/resmobilenet_v1_vs_v2.en.md), quoted as written.
 SEED = {
@@ -114,13 +116,14 @@ def recommendation(runs: list[list[dict]], profiles, timings) -> str:
     d_map = np.mean(vals(r2, "map")) - np.mean(vals(r1, "map"))
     d_p1 = np.mean(vals(r2, "precision_at_1")) - np.mean(vals(r1, "precision_at_1"))
     cost = p2["total"]["macs"] / p1["total"]["macs"] - 1
-    lat = [t["224"]["batch_1"]["median_ms"] for t in timings]
+    lat = [t["large"]["batch_1"]["median_ms"] for t in timings]
     slower = lat[1] / lat[0] - 1
     lines = [
         f"- V2 - V1: P@1 {difference_verdict(vals(r1, 'precision_at_1'), vals(r2, 'precision_at_1'))}, "
         f"mAP {difference_verdict(vals(r1, 'map'), vals(r2, 'map'))}.",
-        f"- Cost of V2 at 224 px: {cost:+.0%} MACs, {p2['total']['params'] / p1['total']['params'] - 1:+.1%} parameters, "
-        f"{slower:+.0%} batch-1 latency on this machine ({lat[0]:.1f} vs {lat[1]:.1f} ms).",
+        f"- Cost of V2: {cost:+.0%} MACs, {p2['total']['params'] / p1['total']['params'] - 1:+.1%} parameters, "
+        f"{slower:+.0%} batch-1 latency at {timings[0]['large']['input_hw'][0]} px on this machine ({lat[0]:.1f} vs "
+        f"{lat[1]:.1f} ms).",
     ]
     noise = len(r1) > 1 and all("within noise" in difference_verdict(vals(r1, k), vals(r2, k))
                                 for k in ("precision_at_1", "map"))
@@ -158,14 +161,14 @@ def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, tim
         "|---|---:|---:|---|---:|",
         f"| stem output at 224 px (H, W, C) | {tuple(p1['parts']['stem']['output_shape'])} | "
         f"{tuple(p2['parts']['stem']['output_shape'])} | {SEED['stem output'][0]} / {SEED['stem output'][1]} | |",
-        f"| inference, batch 1, 224 px: ms median (p10-p90) | {ms(t1, '224', 1)} | {ms(t2, '224', 1)} | "
+        f"| inference, batch 1, {t1['large']['input_hw'][0]} px: ms median (p10-p90) | {ms(t1, 'large', 1)} | {ms(t2, 'large', 1)} | "
         f"{SEED['inference time'][0]} / {SEED['inference time'][1]} | |",
         f"| inference, batch 1, {h}x{w} px: ms median (p10-p90) | {ms(t1, 'input', 1)} | {ms(t2, 'input', 1)} | | |",
-        f"| throughput, batch {BATCH_224} at 224 px (images/s) | {ips(t1, '224', BATCH_224)} | {ips(t2, '224', BATCH_224)} | | |",
+        f"| throughput, batch {BATCH_LARGE} at {t1['large']['input_hw'][0]} px (images/s) | {ips(t1, 'large', BATCH_LARGE)} | {ips(t2, 'large', BATCH_LARGE)} | | |",
         f"| throughput, batch {BATCH_INPUT} at {h}x{w} px (images/s) | {ips(t1, 'input', BATCH_INPUT)} | "
         f"{ips(t2, 'input', BATCH_INPUT)} | | |",
-        f"| inference compile, batch 1, 224 px (s) | {t1['224']['batch_1']['compile_seconds']:.1f} | "
-        f"{t2['224']['batch_1']['compile_seconds']:.1f} | | |",
+        f"| inference compile, batch 1, {t1['large']['input_hw'][0]} px (s) | {t1['large']['batch_1']['compile_seconds']:.1f} | "
+        f"{t2['large']['batch_1']['compile_seconds']:.1f} | | |",
         f"| params | {p1['total']['params']:,} | {p2['total']['params']:,} | | |",
         f"| model size fp32 (MB) | {p1['total']['params_mb_fp32']:.2f} | {p2['total']['params_mb_fp32']:.2f} | "
         f"{SEED['model size'][0]} / {SEED['model size'][1]} | |",
@@ -195,7 +198,7 @@ def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, tim
         f"Data: {r1['data']}. Both models: {c.model.input_size} px input, embedding {c.model.embedding_dim}, loss "
         f"{c.loss.name}, {r1['step']} steps of batch {c.data.batch_size}, optimizer {c.optimizer.name} "
         f"(peak LR {c.optimizer.learning_rate}), {seeds}. Retrieval: evaluation set queried leave-one-out, cosine. "
-        f"Timing: {t1['224']['device']}, jitted, uint8 images in, embeddings out; "
+        f"Timing: {t1['large']['device']}, jitted, uint8 images in, embeddings out; "
         f"compile excluded. Pictures: the first seed's models, {q1['points']} class-stratified evaluation images.",
         "",
         *rows,
@@ -238,7 +241,7 @@ def analyse(config, run: Path, out: Path, splits, sample, queries) -> tuple[dict
     print(f"{config.model.variant}: timing inference ...", flush=True)
     dtype = config.model.dtype
     timing = {"input": inference_timing(loaded.model, input_hw(config.model.input_size), (1, BATCH_INPUT), dtype),
-              "224": inference_timing(loaded.model, (224, 224), (1, BATCH_224), dtype)}
+              "large": inference_timing(loaded.model, (FLAGS.timing_size,) * 2, (1, BATCH_LARGE), dtype)}
     return figs, timing, points
 
 

@@ -24,7 +24,6 @@ flags.DEFINE_string("preset", "cpu", "config preset for both variants (cpu | acc
 flags.DEFINE_multi_string("set", [], "config override applied to both variants, e.g. --set train.num_epochs=3")
 flags.DEFINE_integer("seeds", 1, "train each variant with this many seeds (config seed, +1, ...); report mean ± std")
 flags.DEFINE_integer("tsne_points", 2000, "class-stratified evaluation subsample for t-SNE and cluster quality")
-
 flags.DEFINE_integer("timing_size", 224, "second image size to time inference at (the seed's figures refer to 224)")
 
 BATCH_INPUT, BATCH_LARGE = 64, 32  # throughput batch sizes at the training input size and at --timing_size
@@ -118,15 +117,14 @@ def recommendation(runs: list[list[dict]], profiles, timings) -> str:
     cost = p2["total"]["macs"] / p1["total"]["macs"] - 1
     lat = [t["large"]["batch_1"]["median_ms"] for t in timings]
     slower = lat[1] / lat[0] - 1
+    verdicts = {k: difference_verdict(vals(r1, k), vals(r2, k)) for k in ("precision_at_1", "map")}
     lines = [
-        f"- V2 - V1: P@1 {difference_verdict(vals(r1, 'precision_at_1'), vals(r2, 'precision_at_1'))}, "
-        f"mAP {difference_verdict(vals(r1, 'map'), vals(r2, 'map'))}.",
+        f"- V2 - V1: P@1 {verdicts['precision_at_1']}, mAP {verdicts['map']}.",
         f"- Cost of V2: {cost:+.0%} MACs, {p2['total']['params'] / p1['total']['params'] - 1:+.1%} parameters, "
         f"{slower:+.0%} batch-1 latency at {timings[0]['large']['input_hw'][0]} px on this machine ({lat[0]:.1f} vs "
         f"{lat[1]:.1f} ms).",
     ]
-    noise = len(r1) > 1 and all("within noise" in difference_verdict(vals(r1, k), vals(r2, k))
-                                for k in ("precision_at_1", "map"))
+    noise = len(r1) > 1 and all("within noise" in v for v in verdicts.values())
     if noise or (len(r1) == 1 and abs(d_map) < 0.01 and abs(d_p1) < 0.01):
         lines.append("- The accuracy difference is within seed-to-seed noise"
                      + (" (or under 1 point with a single seed)" if len(r1) == 1 else "")

@@ -159,7 +159,7 @@ def grid_queries_for(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
 
 
 def evaluate(loaded: LoadedModel, out: Path, *, timing: bool = True, draw: bool = True, tsne_points: int = 2000,
-             grid_rows: int = 8, timing_sizes=(1, 64), save_embeddings: bool = False, splits=None) -> dict:
+             grid_rows: int = 8, timing_sizes=(1, 64), save_embeddings: bool = False) -> dict:
     """Everything `python -m resmobile_jax.evaluate` measures for one model; writes OUT/eval.json."""
     from resmobile_jax.data.protocols import load_splits
     from resmobile_jax.data.sources import DatasetError
@@ -169,11 +169,10 @@ def evaluate(loaded: LoadedModel, out: Path, *, timing: bool = True, draw: bool 
 
     c = loaded.config
     out.mkdir(parents=True, exist_ok=True)
-    if splits is None:
-        try:
-            splits = load_splits(c.data, int(c.seed), progress=True)
-        except DatasetError as e:
-            raise EvaluationError(str(e)) from None
+    try:
+        splits = load_splits(c.data, int(c.seed), progress=True)
+    except DatasetError as e:
+        raise EvaluationError(str(e)) from None
     emb = embed_split(loaded, splits.eval, recompute_bn_from=splits.train if loaded.reestimate_bn else None)
     result = {
         "source": loaded.source,

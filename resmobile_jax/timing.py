@@ -11,9 +11,6 @@ import time
 
 import jax
 import numpy as np
-from flax import nnx
-
-from resmobile_jax.data.preprocess import normalize
 
 
 @contextlib.contextmanager
@@ -28,9 +25,9 @@ def _no_persistent_cache():
 
 def time_jitted(fn, *args, min_repeats: int = 5, max_repeats: int = 50, budget_seconds: float = 5.0,
                 warmup: int = 2) -> dict:
-    """Compiles `jax.jit(fn)` for `args`, then times repeated calls (until `max_repeats` or the time budget, never
+    """Compiles `fn` (jitted here unless it already is) for `args`, then times repeated calls (until `max_repeats` or the time budget, never
     fewer than `min_repeats`). Times in ms; spread as the 10th-90th percentile."""
-    jitted = jax.jit(fn)
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     t0 = time.perf_counter()
     with _no_persistent_cache():
         compiled = jitted.lower(*args).compile()
@@ -74,17 +71,17 @@ def device_description() -> str:
 def inference_timing(model, input_hw: tuple[int, int], batch_sizes=(1, 64), dtype="float32", **kwargs) -> dict:
     """Embedding time of uint8 images -> L2-normalized embeddings (normalization included, as in deployment), per
     batch size: {"batch_1": {..., "ms_per_image", "images_per_second"}, ...}. `model` must be in eval mode."""
-    graphdef, state = nnx.split(model)
-    dtype = jax.numpy.dtype(dtype)
+    from resmobile_jax import parallel
+    from resmobile_jax.embed import make_embed_fn
+    from resmobile_jax.train.state import split_model
 
-    def embed(state, images):
-        return nnx.merge(graphdef, state)(normalize(images, dtype))
-
+    graphdef, params, batch_stats = split_model(model)
+    embed = make_embed_fn(graphdef, jax.numpy.dtype(dtype), parallel.data_mesh())  # the function evaluation runs
     rng = np.random.default_rng(0)
     out = {"backend": jax.default_backend(), "device": device_description(), "input_hw": list(input_hw)}
     for b in batch_sizes:
         images = rng.integers(0, 256, (b, *input_hw, 3), dtype=np.uint8)
-        r = time_jitted(embed, state, images, **kwargs)
+        r = time_jitted(embed, params, batch_stats, images, **kwargs)
         r["ms_per_image"] = r["median_ms"] / b
         r["images_per_second"] = 1e3 * b / r["median_ms"]
         out[f"batch_{b}"] = r

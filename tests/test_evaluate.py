@@ -100,18 +100,18 @@ def _write_folder(root, classes=3, per_class=4):
             Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(root / f"class{c}" / f"{i}.png")
 
 
-def _converted(tmp_path, variant, dim=32):
+def _convert(tmp_path, torch_model, variant):
+    """Saves a reference model's state_dict as .pth and runs `convert to-flax` on it; returns the checkpoint dir."""
     from resmobile_jax.convert.__main__ import main as convert_main
 
-    torch_model = randomize(build_reference(variant, dim), seed=3).eval()
     torch.save(torch_model.state_dict(), tmp_path / "model.pth")
     assert convert_main(["to-flax", str(tmp_path / "model.pth"), "--variant", variant, "--out", str(tmp_path / "ckpt")]) == 0
-    return torch_model, tmp_path / "ckpt"
+    return tmp_path / "ckpt"
 
 
 def test_single_class_evaluation_split(tmp_path):
     _write_folder(tmp_path / "data")
-    _, ckpt = _converted(tmp_path, "v1")
+    ckpt = _convert(tmp_path, randomize(build_reference("v1", 32), seed=3), "v1")
     c = tiny_config()
     c.data.dataset, c.data.folder, c.data.protocol, c.data.train_classes = "folder", str(tmp_path / "data"), "class_disjoint", 2
     with pytest.raises(EvaluationError, match="has 1 class; retrieval needs at least 2"):
@@ -147,12 +147,8 @@ def test_convert_then_evaluate_matches_the_pytorch_model(tmp_path):
     torch_model.head.bn.running_var.copy_(captured[0].var(0))
     with torch.no_grad():
         torch_emb = torch_model(x).numpy()
-    torch.save(torch_model.state_dict(), tmp_path / "model.pth")
-    from resmobile_jax.convert.__main__ import main as convert_main
-
-    assert convert_main(["to-flax", str(tmp_path / "model.pth"), "--variant", "v2", "--out", str(tmp_path / "ckpt")]) == 0
-
-    out = evaluate_cli("--checkpoint", str(tmp_path / "ckpt"), "--config", "configs/v2.py",
+    ckpt = _convert(tmp_path, torch_model, "v2")
+    out = evaluate_cli("--checkpoint", str(ckpt), "--config", "configs/v2.py",
                        f"--config.data.max_eval_images={EVAL_IMAGES}", "--nopictures", "--notiming", "--save_embeddings",
                        "--out", str(tmp_path / "eval"))
     assert out.returncode == 0, out.stderr[-3000:]

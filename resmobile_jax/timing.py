@@ -23,32 +23,43 @@ def _no_persistent_cache():
         jax.config.update("jax_enable_compilation_cache", old)
 
 
-def time_jitted(fn, *args, min_repeats: int = 5, max_repeats: int = 50, budget_seconds: float = 5.0,
-                warmup: int = 2) -> dict:
-    """Compiles `fn` (jitted here unless it already is) for `args`, then times repeated calls (until `max_repeats` or the time budget, never
-    fewer than `min_repeats`). Times in ms; spread as the 10th-90th percentile."""
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    t0 = time.perf_counter()
-    with _no_persistent_cache():
-        compiled = jitted.lower(*args).compile()
-    compile_seconds = time.perf_counter() - t0
+def repeat_timing(call, *, min_repeats: int = 5, max_repeats: int = 50, budget_seconds: float = 5.0,
+                  warmup: int = 2) -> dict:
+    """Times `call()` (which must return only when its work is done) after `warmup` untimed calls: repeated until
+    `max_repeats` or the time budget, never fewer than `min_repeats`. Times in ms; spread as the 10th-90th
+    percentile. Framework-neutral, so JAX and PyTorch are measured by the same loop."""
     for _ in range(warmup):
-        jax.block_until_ready(compiled(*args))
+        call()
     times = []
     started = time.perf_counter()
     while len(times) < max_repeats and (len(times) < min_repeats or time.perf_counter() - started < budget_seconds):
         t = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
+        call()
         times.append((time.perf_counter() - t) * 1e3)
     ms = np.asarray(times)
     return {
-        "compile_seconds": round(compile_seconds, 2),
         "median_ms": float(np.median(ms)),
         "p10_ms": float(np.percentile(ms, 10)),
         "p90_ms": float(np.percentile(ms, 90)),
         "min_ms": float(ms.min()),
         "repeats": len(times),
     }
+
+
+def compile_jitted(fn, *args):
+    """(compiled executable, seconds): a real compile, the persistent cache bypassed."""
+    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
+    t0 = time.perf_counter()
+    with _no_persistent_cache():
+        compiled = jitted.lower(*args).compile()
+    return compiled, time.perf_counter() - t0
+
+
+def time_jitted(fn, *args, **kwargs) -> dict:
+    """Compiles `fn` (jitted here unless it already is) for `args` and times calls of the compiled executable
+    (`repeat_timing`'s keyword arguments); the compile time is reported apart."""
+    compiled, seconds = compile_jitted(fn, *args)
+    return {"compile_seconds": round(seconds, 2), **repeat_timing(lambda: jax.block_until_ready(compiled(*args)), **kwargs)}
 
 
 def device_description() -> str:

@@ -53,7 +53,8 @@ def test_compare_command_end_to_end_with_two_seeds(tmp_path):
     """Tiny runs (3 steps, 200 eval images): 2 seeds x 2 variants trained, report + PNGs written; a rerun reuses."""
     cmd = [sys.executable, "-m", "resmobile_jax.compare", "--workdir", str(tmp_path), "--seeds", "2",
            "--tsne_points", "100", "--timing_size", "64",
-           "--set", "train.num_steps=3", "--set", "optimizer.warmup_steps=1", "--set", "data.max_eval_images=200",
+           "--set", "train.num_steps=3", "--set", "optimizer.warmup_steps=1", "--set", "data.batch_size=32",
+           "--set", "data.p=4", "--set", "data.k=8", "--set", "data.max_eval_images=200",
            "--set", "train.precise_bn_images=128", "--set", "train.progress=False"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stderr[-3000:]

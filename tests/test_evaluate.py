@@ -28,6 +28,7 @@ def tiny_config(variant="v1"):
     c.model.variant = variant
     c.model.embedding_dim = 32
     c.train.num_steps = 4
+    c.data.batch_size, c.data.p, c.data.k = 32, 4, 8
     c.optimizer.warmup_steps = 1
     c.train.checkpoint_every_steps = 2
     c.train.precise_bn_images = 128

@@ -53,6 +53,7 @@ def decode(item) -> Image.Image:
     if isinstance(item, (bytes, bytearray)):
         return to_rgb(Image.open(io.BytesIO(item)))
     with Image.open(item) as im:
+        im.load()  # decode now: an RGB file comes back from to_rgb unconverted, still lazy, and the file closes here
         return to_rgb(im)
 
 

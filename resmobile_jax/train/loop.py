@@ -243,6 +243,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['learning_rate']:.2e}",
                                     img_s=f"{values['images_per_second']:.0f}")
             if bar is not None:
+                # Wait for the step before counting it: counting at dispatch makes tqdm see 49 instant steps and one
+                # long one per log interval, and its smoothed rate (hence the ETA) swings by 10x.
+                jax.block_until_ready(step_metrics["loss"])
                 bar.update(1)
             every_eval = int(config.train.eval_every_steps)
             if every_eval and step % every_eval == 0 and not last:

@@ -1,0 +1,1 @@
+"""`python -m resmobile_jax.bench`: this project against the PyTorch reference model, same machine, same inputs."""

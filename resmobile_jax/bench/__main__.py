@@ -1,0 +1,227 @@
+"""python -m resmobile_jax.bench: JAX vs the PyTorch reference model, side by side in one process on the same inputs.
+
+    python -m resmobile_jax.bench [--variants v1,v2] [--sizes 64,224] [--batch 32] [--train_batch 32]
+                                  [--torch_compile] [--json FILE] [--out FILE.md]
+
+For each variant and image size: batch-1 latency, batch throughput, train-step images/s, compile times, peak memory
+and achieved FLOP/s, for this project's JAX model and for the torchvision-built reference (eager, channels_last; and
+torch.compile with --torch_compile). Then the input pipeline alone (is training input-bound at the default settings?)
+and exact kNN over a 100k gallery. Prints a Markdown report; --json writes one record per (variant, size, measurement)
+with `speedup` = how many times faster JAX is (above 1: JAX wins).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("variants", ["v1", "v2"], "model variants")
+flags.DEFINE_list("sizes", ["64", "224"], "square input sizes")
+flags.DEFINE_integer("batch", 32, "batch size of the inference-throughput measurement")
+flags.DEFINE_integer("train_batch", 32, "batch size of the train-step measurement")
+flags.DEFINE_float("budget", 8.0, "seconds of repeated calls per timed measurement (after warm-up)")
+flags.DEFINE_string("dtype", "", "compute dtype of both frameworks: float32 | bfloat16 (default: float32 on CPU, "
+                    "bfloat16 on accelerators, where PyTorch runs under autocast)")
+flags.DEFINE_enum("depthwise_impl", "auto", ["auto", "xla", "shifted"], "the JAX model's depthwise convolution")
+flags.DEFINE_bool("torch_compile", False, "also time torch.compile'd PyTorch (compiles take minutes on a small CPU)")
+flags.DEFINE_bool("pipeline", True, "measure the input pipeline and the train step at the default run's settings")
+flags.DEFINE_integer("knn_gallery", 100_000, "gallery size of the kNN measurement (0: skip)")
+flags.DEFINE_integer("knn_queries", 4096, "queries timed against that gallery (the all-vs-all time is extrapolated)")
+flags.DEFINE_string("json", "", "write the records here")
+flags.DEFINE_string("out", "", "write the Markdown report here")
+
+LOWER_IS_BETTER = {"ms", "s", "MB"}
+
+
+def record(variant, size, measurement, unit, jax_value, torch_value, compiled_value=None) -> dict:
+    def ratio(t):
+        if t is None or jax_value is None or not jax_value or not t:
+            return None
+        return t / jax_value if unit in LOWER_IS_BETTER else jax_value / t
+
+    return {"variant": variant, "image_size": size, "measurement": measurement, "unit": unit, "jax": jax_value,
+            "pytorch": torch_value, "speedup": ratio(torch_value), "pytorch_compile": compiled_value,
+            "speedup_vs_compile": ratio(compiled_value)}
+
+
+def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict]:
+    from resmobile_jax.bench import jax_side, torch_side
+    from resmobile_jax.profile import profile_model
+
+    config = jax_side.bench_config(variant, size, dtype, FLAGS.depthwise_impl)
+    b, tb = FLAGS.batch, FLAGS.train_batch
+    print(f"[{variant} {size}px] JAX inference ...", flush=True)
+    ji = jax_side.inference(config, (1, b), FLAGS.budget)
+    print(f"[{variant} {size}px] JAX train step ...", flush=True)
+    jt = jax_side.train(config, tb, FLAGS.budget)
+    print(f"[{variant} {size}px] PyTorch eager ...", flush=True)
+    ti = torch_side.inference(variant, size, (1, b), dtype, FLAGS.budget)
+    tt = torch_side.train(variant, size, tb, config, dtype, FLAGS.budget)
+    ci = ct = None
+    if FLAGS.torch_compile:
+        print(f"[{variant} {size}px] torch.compile ...", flush=True)
+        ci, ct = _try(lambda: torch_side.inference(variant, size, (1, b), dtype, FLAGS.budget, compile_model=True)), \
+            _try(lambda: torch_side.train(variant, size, tb, config, dtype, FLAGS.budget, compile_model=True))
+    macs = profile_model(config.model.to_dict(), size, xla_flops=False, checkpoint_size=False)["total"]["macs"]
+    gflop_inf, gflop_train = 2 * macs / 1e9, 6 * macs / 1e9  # per image; backward ~2x forward
+
+    def get(r, *keys):
+        for k in keys:
+            if r is None or k not in r or r[k] is None:
+                return None
+            r = r[k]
+        return r
+
+    bk = f"batch_{b}"
+    rows = [
+        record(variant, size, "inference latency, batch 1 (median)", "ms", get(ji, "batch_1", "median_ms"),
+               get(ti, "batch_1", "median_ms"), get(ci, "batch_1", "median_ms")),
+        record(variant, size, f"inference throughput, batch {b}", "img/s", get(ji, bk, "images_per_second"),
+               get(ti, bk, "images_per_second"), get(ci, bk, "images_per_second")),
+        record(variant, size, f"training throughput, batch {tb}", "img/s", jt["images_per_second"],
+               tt["images_per_second"], get(ct, "images_per_second")),
+        record(variant, size, "train step compile", "s", jt["compile_seconds"], None, get(ct, "compile_seconds")),
+        record(variant, size, "inference compile, batch 1", "s", get(ji, "batch_1", "compile_seconds"), None,
+               get(ci, "batch_1", "compile_seconds")),
+        record(variant, size, "peak RSS growth, training incl. setup + compile", "MB", jt["peak_rss_mb"], tt["peak_rss_mb"],
+               get(ct, "peak_rss_mb")),
+        record(variant, size, "peak RSS growth, training steady state", "MB", jt["steps_rss_mb"], tt["steps_rss_mb"],
+               get(ct, "steps_rss_mb")),
+        record(variant, size, f"achieved GFLOP/s, inference batch {b}", "GFLOP/s", gflop_inf * get(ji, bk, "images_per_second"),
+               gflop_inf * get(ti, bk, "images_per_second"), None),
+        record(variant, size, "achieved GFLOP/s, training", "GFLOP/s", gflop_train * jt["images_per_second"],
+               gflop_train * tt["images_per_second"], None),
+    ]
+    detail = {"jax_inference": ji, "jax_train": jt, "torch_inference": ti, "torch_train": tt,
+              "torch_compile_inference": ci, "torch_compile_train": ct, "macs_per_image": macs}
+    return rows, detail
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception as e:  # torch.compile needs a working C++ toolchain and may not support every op
+        print(f"  torch.compile failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        return {"error": f"{type(e).__name__}: {str(e)[:500]}"}
+
+
+def environment() -> dict:
+    import flax
+    import jax
+    import jaxlib
+    import torch
+
+    from resmobile_jax.bench.system import cpu_peak_gflops
+    from resmobile_jax.timing import device_description
+
+    peak, how = cpu_peak_gflops() if jax.default_backend() == "cpu" else (None, "see the accelerator's data sheet")
+    return {"device": device_description(), "python": platform.python_version(), "jax": jax.__version__,
+            "jaxlib": jaxlib.__version__, "flax": flax.__version__, "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "peak_gflops": peak, "peak_gflops_how": how, "command": "python -m resmobile_jax.bench " + " ".join(sys.argv[1:])}
+
+
+def _fmt(x, unit=None) -> str:
+    if x is None:
+        return "—"
+    if unit == "ms":
+        return f"{x:.2f}"
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:.1f}"
+
+
+def markdown(env: dict, rows: list[dict], extras: dict) -> str:
+    compiled = any(r["pytorch_compile"] is not None for r in rows)
+    head = "| variant | size | measurement | unit | JAX | PyTorch eager | speedup |" + (
+        " torch.compile | speedup vs compile |" if compiled else "")
+    lines = [
+        "# JAX vs PyTorch reference — `python -m resmobile_jax.bench`", "",
+        f"- command: `{env['command']}`",
+        f"- machine: {env['device']}; nominal peak {_fmt(env['peak_gflops'])} GFLOP/s ({env['peak_gflops_how']})",
+        f"- versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
+        f"torch {env['torch']} ({env['torch_threads']} threads); XLA_FLAGS='{env['xla_flags']}'",
+        "- speedup = how many times faster (or smaller) JAX is; above 1 means JAX wins. Medians of repeated calls "
+        "after warm-up; both frameworks get the same uint8 images and normalize them inside the timed call.", "",
+        head, "|" + "---|" * (head.count("|") - 1),
+    ]
+    for r in rows:
+        cells = [r["variant"], str(r["image_size"]), r["measurement"], r["unit"], _fmt(r["jax"], r["unit"]),
+                 _fmt(r["pytorch"], r["unit"]), "—" if r["speedup"] is None else f"{r['speedup']:.2f}x"]
+        if compiled:
+            cells += [_fmt(r["pytorch_compile"], r["unit"]),
+                      "—" if r["speedup_vs_compile"] is None else f"{r['speedup_vs_compile']:.2f}x"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "pipeline" in extras:
+        p, d = extras["pipeline"], extras["default_train"]
+        lines += ["", "## Input pipeline (decode + augment, nothing else running)", "",
+                  "| data | size | batch | pipeline img/s | train step img/s (JAX) | input-bound? |", "|---|---|---|---|---|---|"]
+        fm = p["fashion_mnist"]
+        for variant, t in d.items():
+            lines.append(f"| Fashion-MNIST (default run) | {fm['size']} | {fm['batch']} | {fm['images_per_second']:,.0f} | "
+                         f"{t['images_per_second']:,.0f} ({variant}) | {'yes' if fm['images_per_second'] < t['images_per_second'] else 'no'} "
+                         f"({fm['images_per_second'] / t['images_per_second']:.1f}x headroom) |")
+        jp = p["jpeg_folder"]
+        lines.append(f"| folder of {jp['source_pixels']}px JPEGs | {jp['size']} | {jp['batch']} | {jp['images_per_second']:,.0f} | "
+                     f"see the {jp['size']} px training rows | compare |")
+    if "knn" in extras:
+        k = extras["knn"]
+        lines += ["", "## Exact kNN (evaluation and search)", "",
+                  f"{k['queries']:,} queries against a {k['gallery']:,} x {k['dim']} gallery, top-{k['k']}: "
+                  f"{k['seconds']:.1f} s, {k['queries_per_second']:,.0f} queries/s; all {k['gallery']:,} items as queries "
+                  f"(leave-one-out evaluation of the whole gallery): ~{k['all_vs_all_seconds'] / 60:.1f} min, plus embedding "
+                  f"the gallery (see the inference throughput rows: {k['gallery']:,} / img/s)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv):
+    del argv
+    from resmobile_jax import cli
+
+    cli.quiet_logging()
+    import jax
+
+    dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
+    env = environment()
+    env["dtype"] = dtype
+    print(f"bench on {env['device']} ({dtype})", flush=True)
+    rows, details, extras = [], {}, {}
+    for variant in FLAGS.variants:
+        for size in (int(s) for s in FLAGS.sizes):
+            r, d = measure_model(variant, size, dtype)
+            rows += r
+            details[f"{variant}_{size}"] = d
+    if FLAGS.pipeline:
+        from configs.base import get_base_config
+        from resmobile_jax.bench import data_and_search, jax_side
+
+        base = get_base_config("v1", "cpu")
+        size, batch = int(base.model.input_size), int(base.data.batch_size)
+        print("input pipeline ...", flush=True)
+        extras["pipeline"] = data_and_search.input_pipeline(size, batch, jpeg_size=224)
+        extras["default_train"] = {}
+        for variant in FLAGS.variants:
+            print(f"[{variant}] train step at the default run's settings ({size} px, batch {batch}) ...", flush=True)
+            extras["default_train"][variant] = jax_side.train(jax_side.bench_config(variant, size, dtype), batch, FLAGS.budget)
+    if FLAGS.knn_gallery:
+        from resmobile_jax.bench import data_and_search
+
+        print(f"kNN over {FLAGS.knn_gallery:,} items ...", flush=True)
+        extras["knn"] = data_and_search.knn_throughput(FLAGS.knn_gallery, min(FLAGS.knn_queries, FLAGS.knn_gallery))
+    report = markdown(env, rows, extras)
+    print("\n" + report)
+    if FLAGS.out:
+        Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(FLAGS.out).write_text(report)
+    if FLAGS.json:
+        Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(FLAGS.json).write_text(json.dumps({"environment": env, "records": rows, "details": details, "extras": extras},
+                                               indent=1, default=float) + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

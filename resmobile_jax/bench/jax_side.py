@@ -1,0 +1,73 @@
+"""The JAX side of the benchmark: the project's own embed function and train step, exactly as training runs them."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs.base import get_base_config
+from resmobile_jax import parallel
+from resmobile_jax.bench.system import PeakRSS
+from resmobile_jax.losses import get_loss
+from resmobile_jax.models import build_model
+from resmobile_jax.timing import compile_jitted, inference_timing, repeat_timing
+from resmobile_jax.train.state import create_train_state, make_optimizers, split_model
+from resmobile_jax.train.step import make_train_step
+
+NUM_CLASSES = 10
+
+
+def bench_config(variant: str, size: int, dtype: str, depthwise_impl: str = "auto"):
+    """The default run's settings (optimizer, loss, EMA, clipping) at another image size and compute dtype."""
+    config = get_base_config(variant, "cpu")
+    config.model.input_size = size
+    config.model.dtype = dtype
+    config.model.depthwise_impl = depthwise_impl
+    return config
+
+
+def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """uint8 images and labels; both frameworks get these same arrays."""
+    rng = np.random.default_rng(seed)
+    return {"image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
+            "label": (np.arange(batch) % NUM_CLASSES).astype(np.int32)}
+
+
+def inference(config, batch_sizes, budget_seconds: float) -> dict:
+    model = build_model(config.model, config.seed)
+    model.eval()
+    size = int(config.model.input_size)
+    with PeakRSS() as mem:
+        out = inference_timing(model, (size, size), batch_sizes, config.model.dtype, budget_seconds=budget_seconds)
+    out["peak_rss_mb"] = mem.megabytes
+    return out
+
+
+def train(config, batch: int, budget_seconds: float) -> dict:
+    """Images/s of the full train step (forward, loss, backward, AdamW, clipping, BN and EMA updates), the state
+    donated from step to step as in training."""
+    loss = get_loss(config.loss.name)
+    tx, loss_tx, schedule = make_optimizers(config, 10_000)
+    with PeakRSS() as mem:
+        model = build_model(config.model, config.seed)
+        model.train()
+        mesh = parallel.data_mesh()
+        replicated = parallel.replicated(mesh)
+        state = jax.device_put(create_train_state(model, config, NUM_CLASSES, tx, loss_tx, loss.uses_proxies), replicated)
+        step = make_train_step(replicated, graphdef=split_model(model)[0], loss_fn=loss.fn, tx=tx, loss_tx=loss_tx,
+                               schedule=schedule, ema_decay=float(config.optimizer.ema_decay),
+                               dtype=jnp.dtype(config.model.dtype))
+        data = parallel.global_batch(synthetic_batch(batch, int(config.model.input_size)), parallel.batch_sharding(mesh))
+        compiled, compile_seconds = compile_jitted(step, state, data)
+        holder = [state]
+
+        def call():
+            holder[0], metrics = compiled(holder[0], data)
+            jax.block_until_ready((holder[0], metrics))
+
+        with PeakRSS() as steady:
+            r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
+    loss_value = float(jax.device_get(compiled(holder[0], data)[1]["loss"]))
+    return {**r, "compile_seconds": round(compile_seconds, 2), "images_per_second": 1e3 * batch / r["median_ms"],
+            "peak_rss_mb": mem.megabytes, "steps_rss_mb": (steady.peak - mem.base) / 1e6, "finite_loss": bool(np.isfinite(loss_value))}

@@ -1,0 +1,74 @@
+"""python -m resmobile_jax.bench: the speedup convention, the memory meter, the JPEG-folder pipeline, and one tiny
+end-to-end run whose JSON records are checked against the Markdown it prints."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from resmobile_jax.bench.__main__ import record
+from resmobile_jax.bench.data_and_search import knn_throughput, pipeline_images_per_second, write_jpeg_folder
+from resmobile_jax.bench.system import PeakRSS, cpu_peak_gflops
+from resmobile_jax.data.sources import fashion_mnist, folder
+
+
+def test_speedup_is_how_many_times_better_jax_is():
+    assert record("v1", 64, "latency", "ms", 2.0, 5.0)["speedup"] == pytest.approx(2.5)  # lower is better
+    assert record("v1", 64, "throughput", "img/s", 300.0, 100.0)["speedup"] == pytest.approx(3.0)
+    assert record("v1", 64, "memory", "MB", 400.0, 100.0)["speedup"] == pytest.approx(0.25)
+    assert record("v1", 64, "compile", "s", 30.0, None)["speedup"] is None
+    r = record("v2", 224, "throughput", "img/s", 50.0, 100.0, 25.0)
+    assert r["speedup"] == pytest.approx(0.5) and r["speedup_vs_compile"] == pytest.approx(2.0)
+
+
+def test_peak_rss_sees_an_allocation_that_is_freed_again():
+    with PeakRSS() as mem:
+        a = np.ones(300_000_000 // 8)  # 300 MB, touched
+        del a
+    assert 250 < mem.megabytes < 450
+
+
+def test_cpu_peak_estimate_names_its_inputs():
+    peak, how = cpu_peak_gflops()
+    assert peak is None or (peak > 1 and "GHz" in how)
+
+
+def test_pipeline_reads_a_folder_of_real_jpegs(tmp_path):
+    train = fashion_mnist("train")
+    root = write_jpeg_folder(tmp_path, train.subset(np.arange(200)), per_class=3, size=48)
+    files = sorted(root.rglob("*.jpg"))
+    assert len(files) == 30
+    with Image.open(files[0]) as im:
+        assert im.format == "JPEG" and im.size == (48, 48) and im.mode == "RGB"
+    images, bad = folder(root)
+    assert len(images) == 30 and not bad and images.num_classes == 10
+    assert pipeline_images_per_second(images, 32, 8, steps=2) > 0
+
+
+def test_knn_throughput_extrapolates_to_the_whole_gallery():
+    r = knn_throughput(3000, 500, dim=16)
+    assert r["queries_per_second"] == pytest.approx(500 / r["seconds"])
+    assert r["all_vs_all_seconds"] == pytest.approx(6 * r["seconds"])
+
+
+@pytest.mark.slow
+def test_bench_command_end_to_end(tmp_path):
+    """V1 at 32 px, short budgets: both frameworks measured, every record consistent with the Markdown table."""
+    out = subprocess.run([sys.executable, "-m", "resmobile_jax.bench", "--variants", "v1", "--sizes", "32", "--budget", "0.2",
+                          "--batch", "8", "--train_batch", "8", "--nopipeline", "--knn_gallery", "2000", "--knn_queries", "500",
+                          "--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.md")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    md = (tmp_path / "b.md").read_text()
+    rows = {r["measurement"]: r for r in data["records"]}
+    lat, train = rows["inference latency, batch 1 (median)"], rows["training throughput, batch 8"]
+    assert lat["jax"] > 0 and lat["pytorch"] > 0 and lat["speedup"] == pytest.approx(lat["pytorch"] / lat["jax"])
+    assert train["speedup"] == pytest.approx(train["jax"] / train["pytorch"])
+    assert data["details"]["v1_32"]["jax_train"]["finite_loss"] and data["details"]["v1_32"]["torch_train"]["finite_loss"]
+    assert f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:.1f}" in md or \
+        f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:,.0f}" in md
+    assert "2,000 x 512 gallery" in md and data["environment"]["jax"] in md

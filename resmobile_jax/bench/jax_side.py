@@ -44,21 +44,27 @@ def inference(config, batch_sizes, budget_seconds: float) -> dict:
     return out
 
 
+def train_setup(config, batch: int):
+    """(jitted train step, replicated initial state, sharded synthetic batch): what the training loop runs."""
+    loss = get_loss(config.loss.name)
+    tx, loss_tx, schedule = make_optimizers(config, 10_000)
+    model = build_model(config.model, config.seed)
+    model.train()
+    mesh = parallel.data_mesh()
+    replicated = parallel.replicated(mesh)
+    state = jax.device_put(create_train_state(model, config, NUM_CLASSES, tx, loss_tx, loss.uses_proxies), replicated)
+    step = make_train_step(replicated, graphdef=split_model(model)[0], loss_fn=loss.fn, tx=tx, loss_tx=loss_tx,
+                           schedule=schedule, ema_decay=float(config.optimizer.ema_decay),
+                           dtype=jnp.dtype(config.model.dtype))
+    data = parallel.global_batch(synthetic_batch(batch, int(config.model.input_size)), parallel.batch_sharding(mesh))
+    return step, state, data
+
+
 def train(config, batch: int, budget_seconds: float) -> dict:
     """Images/s of the full train step (forward, loss, backward, AdamW, clipping, BN and EMA updates), the state
     donated from step to step as in training."""
-    loss = get_loss(config.loss.name)
-    tx, loss_tx, schedule = make_optimizers(config, 10_000)
     with PeakRSS() as mem:
-        model = build_model(config.model, config.seed)
-        model.train()
-        mesh = parallel.data_mesh()
-        replicated = parallel.replicated(mesh)
-        state = jax.device_put(create_train_state(model, config, NUM_CLASSES, tx, loss_tx, loss.uses_proxies), replicated)
-        step = make_train_step(replicated, graphdef=split_model(model)[0], loss_fn=loss.fn, tx=tx, loss_tx=loss_tx,
-                               schedule=schedule, ema_decay=float(config.optimizer.ema_decay),
-                               dtype=jnp.dtype(config.model.dtype))
-        data = parallel.global_batch(synthetic_batch(batch, int(config.model.input_size)), parallel.batch_sharding(mesh))
+        step, state, data = train_setup(config, batch)
         compiled, compile_seconds = compile_jitted(step, state, data)
         holder = [state]
 

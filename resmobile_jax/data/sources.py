@@ -18,7 +18,7 @@ import numpy as np
 from resmobile_jax.data.idx import CLASS_NAMES as FASHION_MNIST_CLASSES
 from resmobile_jax.data.idx import DEBIAN_DIR, DatasetError, load_fashion_mnist
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")  # animated: the first frame
 MAX_IMAGE_PIXELS = 100_000_000  # larger images are refused (decompression bombs), not decoded
 
 

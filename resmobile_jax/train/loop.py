@@ -54,7 +54,8 @@ def _report_bad_files(splits: Splits, workdir: Path, on_bad_file: str) -> None:
         return
     lines = [f"{path}\t{reason}" for path, reason in splits.bad_files]
     if jax.process_index() == 0:
-        (workdir / BAD_FILES).write_text("\n".join(lines) + "\n")
+        # surrogateescape: a file name that is not valid UTF-8 is written back as the bytes the filesystem holds
+        (workdir / BAD_FILES).write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogateescape")
     msg = f"{len(lines)} file(s) in the dataset were not usable images; listed in {workdir / BAD_FILES}"
     if on_bad_file == "error":
         raise ValueError(msg + " (data.on_bad_file='error'; fix or remove them, or use 'skip')")

@@ -1,7 +1,7 @@
 """Shared configuration of every ResMobileNet run; `v1.py` and `v2.py` differ from it only in `model.variant`.
 
 Presets (the string after the colon in `--config configs/v2.py:PRESET`):
-  cpu    (default) the embedded Fashion-MNIST run, sized for a 2-core CPU (32 px, 3 epochs, ~7-11 minutes per model)
+  cpu    (default) the embedded Fashion-MNIST run, sized for a 2-core CPU (32 px, 2.5 epochs, ~9-11 minutes per model)
   accel  224 px ImageNet-style resolution and bf16 compute, for a GPU or TPU (point data.* at your dataset)
 Any field can be overridden: `--config.model.embedding_dim=256 --config.loss.name=triplet`.
 """
@@ -74,7 +74,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.optimizer.ema_decay = 0.998 if cpu else 0.9999  # EMA of the weights, used for evaluation; 0 disables
 
     c.train = ml_collections.ConfigDict()
-    c.train.num_epochs = 3 if cpu else 60
+    c.train.num_epochs = 2.5 if cpu else 60.0  # may be fractional
     c.train.num_steps = 0  # > 0 overrides num_epochs
     c.train.log_every_steps = 50
     c.train.eval_every_steps = 0  # 0: evaluate at the end only

@@ -29,8 +29,9 @@ flags.DEFINE_string("trace_dir", "", "also write a jax.profiler trace of 3 train
 
 
 def jax_parts(variant: str, size: int, batch: int, impl: str, budget: float) -> dict[str, dict[str, float]]:
-    """{part: {"forward_ms", "backward_ms"}} in train mode (batch statistics), gradients w.r.t. params and input."""
-    model = build_model({"variant": variant, "input_size": size, "depthwise_impl": impl})
+    """{part: {"forward_ms", "forward_backward_ms"}} in train mode (batch statistics); gradients w.r.t. params and
+    the part's input, except the stem's (the images), as in training."""
+    model = build_model({"variant": variant, "input_size": size, "depthwise_impl": impl, "embedding_dim": 512})
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32))
@@ -42,9 +43,10 @@ def jax_parts(variant: str, size: int, batch: int, impl: str, budget: float) -> 
         y = jax.jit(forward)(params, x)
         cot = jnp.ones_like(y) / y.size
 
-        def forward_backward(p, x, forward=forward, cot=cot):
-            y, pullback = jax.vjp(forward, p, x)
-            return pullback(cot)
+        def forward_backward(p, x, forward=forward, cot=cot, part=part):
+            if part == "stem":  # as in training: no gradient for the input images
+                return jax.vjp(lambda p: forward(p, x), p)[1](cot)
+            return jax.vjp(forward, p, x)[1](cot)
 
         f = time_jitted(forward, params, x, budget_seconds=budget, min_repeats=3)
         fb = time_jitted(forward_backward, params, x, budget_seconds=budget, min_repeats=3)
@@ -63,7 +65,7 @@ def torch_parts(variant: str, size: int, batch: int, budget: float) -> dict[str,
     out = {}
     for part in PARTS:
         module = getattr(model, part)
-        xin = x.detach().requires_grad_(True)
+        xin = x.detach().requires_grad_(part != "stem")
 
         def forward(module=module, xin=xin):
             with torch.no_grad():

@@ -72,8 +72,7 @@ def train(config, batch: int, budget_seconds: float) -> dict:
             holder[0], metrics = compiled(holder[0], data)
             jax.block_until_ready((holder[0], metrics))
 
-        with PeakRSS() as steady:
-            r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
+        r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
     loss_value = float(jax.device_get(compiled(holder[0], data)[1]["loss"]))
     return {**r, "compile_seconds": round(compile_seconds, 2), "images_per_second": 1e3 * batch / r["median_ms"],
-            "peak_rss_mb": mem.megabytes, "steps_rss_mb": (steady.peak - mem.base) / 1e6, "finite_loss": bool(np.isfinite(loss_value))}
+            "peak_rss_mb": mem.megabytes, "finite_loss": bool(np.isfinite(loss_value))}

@@ -123,8 +123,7 @@ def train(variant, size, batch, config, dtype: str, budget_seconds: float, compi
             last["loss"] = loss
 
         first = _timed_first_call(call)
-        with PeakRSS() as steady:
-            r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
+        r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
     return {**r, "compile_seconds": round(first, 2) if compile_model else None,
             "images_per_second": 1e3 * batch / r["median_ms"], "peak_rss_mb": mem.megabytes,
-            "steps_rss_mb": (steady.peak - mem.base) / 1e6, "finite_loss": bool(torch.isfinite(last["loss"]).item()), "threads": torch.get_num_threads()}
+            "finite_loss": bool(torch.isfinite(last["loss"]).item()), "threads": torch.get_num_threads()}

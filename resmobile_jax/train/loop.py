@@ -139,7 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     try:  # settings that only fail against the data (P > classes, batch > images, warmup > run): the user's to fix
         batches = TrainBatches(splits.train, preprocess, int(config.data.batch_size), config.seed, pk,
                                jax.process_index(), jax.process_count(), int(config.data.workers))
-        total_steps = int(config.train.num_steps) or int(config.train.num_epochs) * batches.steps_per_epoch
+        total_steps = int(config.train.num_steps) or int(round(float(config.train.num_epochs) * batches.steps_per_epoch))
         tx, loss_tx, schedule = make_optimizers(config, total_steps)
     except ValueError as e:
         raise ConfigError(str(e)) from None

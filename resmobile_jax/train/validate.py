@@ -68,7 +68,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     _require(o.name in ("adamw", "sgd"), f"optimizer.name must be 'adamw' or 'sgd', got {o.name!r}")
     _require(float(o.learning_rate) > 0, f"optimizer.learning_rate must be positive, got {o.learning_rate}")
     _require(0 <= float(o.ema_decay) < 1, f"optimizer.ema_decay must be in [0, 1), got {o.ema_decay}")
-    _require(int(t.num_steps) > 0 or int(t.num_epochs) > 0, "set train.num_epochs or train.num_steps to a positive number")
+    _require(int(t.num_steps) > 0 or float(t.num_epochs) > 0, "set train.num_epochs or train.num_steps to a positive number")
     if int(t.num_steps) > 0:
         _require(int(o.warmup_steps) < int(t.num_steps), f"optimizer.warmup_steps = {o.warmup_steps} is not shorter than "
                  f"train.num_steps = {t.num_steps}; lower the warmup or train longer")

@@ -44,6 +44,45 @@ def test_max_pool_pads_with_minus_infinity(rng):
     assert out.max() < 0
 
 
+@pytest.mark.parametrize("hw", [(16, 16), (17, 17), (30, 13)])
+def test_max_pool_gradient_matches_torch_including_ties(hw, rng):
+    """The hand-written backward routes each output's gradient to its window's first maximum, as PyTorch does; ReLU
+    zeros and repeated positive values make ties everywhere."""
+    import jax
+
+    x = np.maximum(rng.standard_normal((2, *hw, 5)).astype(np.float32), 0)
+    x[:, ::3, ::2] = 1.5
+    g = rng.standard_normal((2, (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1, 5)).astype(np.float32)
+    y, pullback = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    np.testing.assert_array_equal(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_allclose(np.asarray(pullback(jnp.asarray(g))[0]), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(7, 2, 32), (7, 2, 33), (5, 1, 12)])
+def test_stem_conv_gradients_match_torch(kernel, stride, size, rng):
+    """Convs with few input channels and large kernels take the patch-matmul kernel gradient; both gradients must
+    still be PyTorch's."""
+    import jax
+
+    conv = layers.Conv(3, 8, kernel, stride=stride, rng=np.random.default_rng(0))
+    assert conv.im2col_weight_grad
+    x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    w = np.asarray(conv.kernel[...])
+    y, pullback = jax.vjp(lambda x, w: layers.conv_im2col_weight_grad(x, w, stride, kernel // 2), jnp.asarray(x), jnp.asarray(w))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = pullback(jnp.asarray(g))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=kernel // 2)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+
+
 def test_activations_match_torch(rng):
     x = np.linspace(-5, 5, 1001).astype(np.float32)
     t = torch.from_numpy(x)

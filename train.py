@@ -19,12 +19,13 @@ def main(argv):
     quiet_logging()
     enable_compilation_cache()
     from resmobile_jax.data.idx import DatasetError
+    from resmobile_jax.train.checkpoints import CheckpointWriteError
     from resmobile_jax.train.loop import NonFiniteError
     from resmobile_jax.train.validate import ConfigError
 
     try:
         train_and_evaluate(flags.FLAGS.config, flags.FLAGS.workdir)
-    except (ConfigError, DatasetError, NonFiniteError) as e:  # the user's to fix: the message, not a traceback
+    except (ConfigError, DatasetError, NonFiniteError, CheckpointWriteError) as e:  # the user's to fix: the message, not a traceback
         sys.exit(f"error: {e}")
 
 

@@ -193,6 +193,8 @@ def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, tim
     text = "\n".join([
         "# ResMobileNet V1 vs V2: measured",
         "",
+        f"Command: `python -m resmobile_jax.compare {' '.join(sys.argv[1:])}`",
+        "",
         f"Data: {r1['data']}. Both models: {c.model.input_size} px input, embedding {c.model.embedding_dim}, loss "
         f"{c.loss.name}, {r1['step']} steps of batch {c.data.batch_size}, optimizer {c.optimizer.name} "
         f"(peak LR {c.optimizer.learning_rate}), {seeds}. Retrieval: evaluation set queried leave-one-out, cosine. "

@@ -20,6 +20,21 @@ LATEST_DIR = "checkpoints"
 BEST_DIR = "best"
 
 
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, read-only or unwritable workdir, quota)."""
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind `exc`, if any: orbax re-raises I/O failures from its writer threads wrapped in other types."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def abstract_like(state) -> Any:
     """Shapes, dtypes and shardings of `state`: orbax restores straight into the same (sharded) layout."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
@@ -28,6 +43,7 @@ def abstract_like(state) -> Any:
 class RunCheckpoints:
     def __init__(self, workdir: str | Path, keep: int, async_save: bool = True, best_metric: str = "map"):
         workdir = Path(workdir).absolute()
+        self.directory = workdir / LATEST_DIR
         self.best_metric = best_metric
         self.latest = ocp.CheckpointManager(
             workdir / LATEST_DIR,
@@ -45,14 +61,34 @@ class RunCheckpoints:
     def _args(state, record: dict):
         return ocp.args.Composite(state=ocp.args.StandardSave(state), record=ocp.args.JsonSave(record))
 
+    def _storage_guard(self, what: str, call):
+        """Runs an orbax call; an I/O failure becomes one clear message naming the last checkpoint that is intact.
+        Orbax commits a save by renaming its temporary directory, so a failed save never replaces a finished one."""
+        try:
+            return call()
+        except Exception as e:  # noqa: BLE001 - only I/O failures are translated, the rest re-raised as they are
+            os_error = _os_error_in(e)
+            if os_error is None:
+                raise
+            steps = [st for st in self.latest.all_steps() if st is not None]
+            intact = f"the last complete checkpoint is step {max(steps)} in {self.directory}" if steps else \
+                "no complete checkpoint was written yet"
+            raise CheckpointWriteError(
+                f"could not write {what} to {self.directory}: {os_error.strerror or os_error} "
+                f"({type(os_error).__name__}); {intact}. Free space or fix the permissions of the workdir, then rerun "
+                f"the same command to resume from it"
+            ) from e
+
     def save(self, step: int, state, record: dict) -> None:
         if step not in self.latest.all_steps():
-            self.latest.save(step, args=self._args(state, record), force=True)
+            self._storage_guard(f"the checkpoint of step {step}",
+                                lambda: self.latest.save(step, args=self._args(state, record), force=True))
 
     def save_best(self, step: int, state, record: dict, metrics: dict) -> None:
         """Kept only if `metrics[best_metric]` beats the best so far."""
         if step not in self.best.all_steps():
-            self.best.save(step, args=self._args(state, record), metrics={k: float(v) for k, v in metrics.items()}, force=True)
+            self._storage_guard(f"the best checkpoint (step {step})", lambda: self.best.save(
+                step, args=self._args(state, record), metrics={k: float(v) for k, v in metrics.items()}, force=True))
 
     def latest_step(self) -> int | None:
         return self.latest.latest_step()
@@ -66,8 +102,8 @@ class RunCheckpoints:
         return restored["state"], dict(restored["record"])
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        self._storage_guard("a checkpoint", self.latest.wait_until_finished)
+        self._storage_guard("the best checkpoint", self.best.wait_until_finished)
 
     def close(self) -> None:
         self.latest.close()

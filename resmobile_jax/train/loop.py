@@ -222,20 +222,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 jax.block_until_ready(step_metrics)
                 compile_time = time.time() - t0
             step += 1
+            if config.train.on_nonfinite == "skip":  # counted on the device: exact, and no host sync per step
+                skipped = skipped + jnp.logical_not(step_metrics["finite"]).astype(jnp.int32)
             last = step == total_steps
-            if step % int(config.train.log_every_steps) == 0 or last or stop.signal:
+            logging_step = step % int(config.train.log_every_steps) == 0 or last or stop.signal
+            saving_step = step % int(config.train.checkpoint_every_steps) == 0 or last or stop.signal
+            if logging_step or saving_step:  # never checkpoint a state that went NaN between two log steps
                 values = jax.device_get(step_metrics)
                 if not values.pop("finite"):
-                    if config.train.on_nonfinite == "skip":
-                        skipped += 1
-                    else:
-                        good = checkpoints.latest_step()
+                    if config.train.on_nonfinite != "skip":
                         checkpoints.wait()
                         raise NonFiniteError(
                             f"loss or gradient became NaN/Inf at step {step} (loss {values['loss']}); the last good "
-                            f"checkpoint is step {good} in {workdir / ckpt_lib.LATEST_DIR}. Lower "
+                            f"checkpoint is step {checkpoints.latest_step()} in {workdir / ckpt_lib.LATEST_DIR}. Lower "
                             f"optimizer.learning_rate, set optimizer.grad_clip_norm, or train.on_nonfinite='skip'"
                         )
+            if logging_step:
                 now = time.time()
                 values["images_per_second"] = (step - last_log) * int(config.data.batch_size) / max(now - t_log, 1e-9)
                 last_log, t_log = step, now
@@ -251,7 +253,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             every_eval = int(config.train.eval_every_steps)
             if every_eval and step % every_eval == 0 and not last:
                 run_eval(step)
-            if step % int(config.train.checkpoint_every_steps) == 0 or last or stop.signal:
+            if saving_step:
                 checkpoints.save(step, state, record(step))
             if stop.signal:
                 checkpoints.wait()
@@ -271,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         "step": step,
         "train_seconds_this_session": round(time.time() - t_start, 1),
         "train_step_compile_seconds": None if compile_time is None else round(compile_time, 1),
-        "skipped_nonfinite_steps": skipped,
+        "skipped_nonfinite_steps": int(jax.device_get(skipped)),
         "variant": config.model.variant,
         "data": splits.description,
     }

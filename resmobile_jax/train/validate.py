@@ -7,6 +7,7 @@ locked); here are the checks on values and on how fields combine.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import jax
@@ -84,6 +85,14 @@ def check_workdir(c: ml_collections.ConfigDict, workdir: Path) -> None:
     """A workdir belongs to one run: resuming it with another variant or embedding size would mix two models."""
     if workdir.exists() and not workdir.is_dir():
         raise ConfigError(f"--workdir {workdir} exists and is not a directory")
+    try:  # fail now, not after minutes of loading and compiling, when the workdir cannot take files
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write_test_{jax.process_index()}_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--workdir {workdir} is not writable ({e.strerror or e}); choose a directory you can write "
+                          f"to (on a pod: storage every host reaches)") from None
     run_file = workdir / "run.json"
     if not run_file.is_file():
         return

@@ -127,3 +127,19 @@ def test_single_class_evaluation_set(tmp_path):
             _image(tmp_path / cls / f"{i}.png")
     with pytest.raises(DatasetError, match="evaluation set .* has 1 class"):
         load_splits(_folder_config(tmp_path, protocol="class_disjoint", train_classes=1), seed=0)
+
+
+@pytest.mark.parametrize("flag,message", [
+    ("--config.model.embeding_dim=128", "embeding_dim"),  # a typo: unknown key
+    ("--config.model.embedding_dim=big", "embedding_dim"),  # wrong type
+])
+def test_unknown_key_and_wrong_type_on_the_command_line(flag, message, tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "train.py", "--config", "configs/v1.py", "--workdir", str(tmp_path / "run"), flag],
+                         cwd=root, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and message in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr and not (tmp_path / "run").exists()

@@ -1,0 +1,58 @@
+"""NaN/Inf in training: 'stop' names the step and the last good checkpoint; 'skip' leaves the state untouched."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs.v1 import get_config
+from resmobile_jax import parallel
+from resmobile_jax.bench.jax_side import synthetic_batch
+from resmobile_jax.losses import get_loss
+from resmobile_jax.models import build_model
+from resmobile_jax.train import train_and_evaluate
+from resmobile_jax.train.loop import NonFiniteError
+from resmobile_jax.train.state import create_train_state, make_optimizers, split_model
+from resmobile_jax.train.step import make_train_step
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_naming_the_step_and_the_last_good_checkpoint(tmp_path):
+    c = get_config()
+    c.data.batch_size, c.train.num_steps, c.train.checkpoint_every_steps, c.train.log_every_steps = 16, 8, 2, 1
+    c.optimizer.warmup_steps, c.optimizer.learning_rate, c.optimizer.grad_clip_norm = 1, 1e30, 0.0  # blows up at once
+    c.train.progress, c.data.max_eval_images = False, 200
+    with pytest.raises(NonFiniteError, match=r"became NaN/Inf at step (\d+) .*the last good checkpoint is step (\d+|None)") as e:
+        train_and_evaluate(c, str(tmp_path))
+    assert "optimizer.learning_rate" in str(e.value) and "on_nonfinite='skip'" in str(e.value)
+    assert not (tmp_path / "final_metrics.json").exists()
+
+
+def test_skip_mode_leaves_the_state_unchanged_on_a_nan_loss():
+    c = get_config()
+    c.model.embedding_dim = 16
+    real = get_loss(c.loss.name)
+
+    def loss_fn(embeddings, labels, params):  # NaN whenever the batch's first label is 9
+        return jnp.where(labels[0] == 9, jnp.nan, real.fn(embeddings, labels, params))
+
+    tx, loss_tx, schedule = make_optimizers(c, 100)
+    model = build_model(c.model)
+    model.train()
+    mesh = parallel.data_mesh()
+    rep = parallel.replicated(mesh)
+    state = jax.device_put(create_train_state(model, c, 10, tx, loss_tx, real.uses_proxies), rep)
+    step = make_train_step(rep, graphdef=split_model(model)[0], loss_fn=loss_fn, tx=tx, loss_tx=loss_tx, schedule=schedule,
+                           ema_decay=0.9, skip_nonfinite=True)
+    batch = synthetic_batch(8, 32)
+    good = parallel.global_batch(batch, parallel.batch_sharding(mesh))
+    bad = parallel.global_batch({**batch, "label": np.full(8, 9, np.int32)}, parallel.batch_sharding(mesh))
+    state, m = step(state, good)
+    assert bool(m["finite"])
+    before = jax.tree.map(np.asarray, state)
+    state, m = step(state, bad)
+    assert not bool(m["finite"])
+    after = jax.tree.map(np.asarray, state)
+    assert int(after.step) == int(before.step) + 1  # counted, so the data position moves on
+    for a, b in zip(jax.tree.leaves(before.replace(step=0)), jax.tree.leaves(after.replace(step=0))):
+        np.testing.assert_array_equal(a, b)

@@ -29,5 +29,15 @@ def main(argv):
         sys.exit(f"error: {e}")
 
 
+def parse_flags(argv):
+    """absl's parser, with config overrides that name no field (a typo) or the wrong type reported in one line."""
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, KeyError, AttributeError, TypeError, ValueError) as e:
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        text = text.replace("\\n", " ").replace("\\'", "").strip("'")  # ml_collections' KeyError text is a repr
+        sys.exit(f"error: {' '.join(text.split())} (python train.py --helpfull lists the flags)")
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -24,20 +24,23 @@ class CheckpointWriteError(RuntimeError):
     """A checkpoint could not be written (disk full, read-only or unwritable workdir, quota)."""
 
 
-def _os_error_in(exc: BaseException) -> OSError | None:
-    """The OSError behind `exc`, if any: orbax re-raises I/O failures from its writer threads wrapped in other types."""
+_STORAGE_CODES = {"RESOURCE_EXHAUSTED": "No space left on device", "PERMISSION_DENIED": "Permission denied"}
+
+
+def storage_failure(exc: BaseException) -> str | None:
+    """Why a write failed, if `exc` (or what it wraps) is a storage failure: an OSError from Python, or the status
+    text TensorStore (orbax's array writer) puts in a ValueError (RESOURCE_EXHAUSTED when the disk is full)."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
         if isinstance(exc, OSError):
-            return exc
+            return f"{exc.strerror or exc} ({type(exc).__name__})"
+        text = str(exc)
+        for code, meaning in _STORAGE_CODES.items():
+            if code in text:
+                return f"{meaning} ({code} from the checkpoint writer)"
         exc = exc.__cause__ or exc.__context__
     return None
-
-
-def abstract_like(state) -> Any:
-    """Shapes, dtypes and shardings of `state`: orbax restores straight into the same (sharded) layout."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
 
 
 class RunCheckpoints:
@@ -67,15 +70,14 @@ class RunCheckpoints:
         try:
             return call()
         except Exception as e:  # noqa: BLE001 - only I/O failures are translated, the rest re-raised as they are
-            os_error = _os_error_in(e)
-            if os_error is None:
+            reason = storage_failure(e)
+            if reason is None:
                 raise
             steps = [st for st in self.latest.all_steps() if st is not None]
             intact = f"the last complete checkpoint is step {max(steps)} in {self.directory}" if steps else \
                 "no complete checkpoint was written yet"
             raise CheckpointWriteError(
-                f"could not write {what} to {self.directory}: {os_error.strerror or os_error} "
-                f"({type(os_error).__name__}); {intact}. Free space or fix the permissions of the workdir, then rerun "
+                f"could not write {what} to {self.directory}: {reason}; {intact}. Free space or fix the permissions of the workdir, then rerun "
                 f"the same command to resume from it"
             ) from e
 

@@ -232,9 +232,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 if not values.pop("finite"):
                     if config.train.on_nonfinite != "skip":
                         checkpoints.wait()
+                        good = checkpoints.latest_step()
+                        where = (f"the last good checkpoint is step {good} in {workdir / ckpt_lib.LATEST_DIR}"
+                                 if good is not None else "no checkpoint was written before it")
                         raise NonFiniteError(
-                            f"loss or gradient became NaN/Inf at step {step} (loss {values['loss']}); the last good "
-                            f"checkpoint is step {checkpoints.latest_step()} in {workdir / ckpt_lib.LATEST_DIR}. Lower "
+                            f"loss or gradient became NaN/Inf at step {step} (loss {values['loss']}); {where}. Lower "
                             f"optimizer.learning_rate, set optimizer.grad_clip_norm, or train.on_nonfinite='skip'"
                         )
             if logging_step:

@@ -43,6 +43,11 @@ def storage_failure(exc: BaseException) -> str | None:
     return None
 
 
+def abstract_like(state) -> Any:
+    """Shapes, dtypes and shardings of `state`: orbax restores straight into the same (sharded) layout."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
 class RunCheckpoints:
     def __init__(self, workdir: str | Path, keep: int, async_save: bool = True, best_metric: str = "map"):
         workdir = Path(workdir).absolute()

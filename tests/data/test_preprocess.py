@@ -1,6 +1,5 @@
 """Decoding image files: every way an image can reach the pipeline gives the pixels PIL itself decodes."""
 
-import io
 
 import numpy as np
 import pytest

@@ -205,6 +205,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("num_")), flush=True)
         return metrics
 
+    def check_finite(step_metrics, step: int) -> dict:
+        """Host copy of the step's metrics; raises (mode 'stop') if the loss or gradient went NaN/Inf. Runs before
+        every checkpoint save too, so a NaN state is never saved."""
+        values = jax.device_get(step_metrics)
+        if not values.pop("finite") and config.train.on_nonfinite != "skip":
+            checkpoints.wait()
+            good = checkpoints.latest_step()
+            where = (f"the last good checkpoint is step {good} in {workdir / ckpt_lib.LATEST_DIR}"
+                     if good is not None else "no checkpoint was written before it")
+            raise NonFiniteError(
+                f"loss or gradient became NaN/Inf at step {step} (loss {values['loss']}); {where}. Lower "
+                f"optimizer.learning_rate, set optimizer.grad_clip_norm, or train.on_nonfinite='skip'"
+            )
+        return values
+
     bar = None
     if progress:
         from tqdm import tqdm
@@ -227,18 +242,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             last = step == total_steps
             logging_step = step % int(config.train.log_every_steps) == 0 or last or stop.signal
             saving_step = step % int(config.train.checkpoint_every_steps) == 0 or last or stop.signal
-            if logging_step or saving_step:  # never checkpoint a state that went NaN between two log steps
-                values = jax.device_get(step_metrics)
-                if not values.pop("finite"):
-                    if config.train.on_nonfinite != "skip":
-                        checkpoints.wait()
-                        good = checkpoints.latest_step()
-                        where = (f"the last good checkpoint is step {good} in {workdir / ckpt_lib.LATEST_DIR}"
-                                 if good is not None else "no checkpoint was written before it")
-                        raise NonFiniteError(
-                            f"loss or gradient became NaN/Inf at step {step} (loss {values['loss']}); {where}. Lower "
-                            f"optimizer.learning_rate, set optimizer.grad_clip_norm, or train.on_nonfinite='skip'"
-                        )
+            values = check_finite(step_metrics, step) if (logging_step or saving_step) else None
             if logging_step:
                 now = time.time()
                 values["images_per_second"] = (step - last_log) * int(config.data.batch_size) / max(now - t_log, 1e-9)
@@ -255,6 +259,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             every_eval = int(config.train.eval_every_steps)
             if every_eval and step % every_eval == 0 and not last:
                 run_eval(step)
+            if stop.signal and not saving_step:  # the signal came during this step's bookkeeping: save it too
+                check_finite(step_metrics, step)
+                saving_step = True
             if saving_step:
                 checkpoints.save(step, state, record(step))
             if stop.signal:

@@ -83,9 +83,13 @@ def test_sigterm_then_resume_equals_uninterrupted(uninterrupted, tmp_path):
 
 
 def finalized_steps(workdir):
-    """Checkpoint steps orbax has committed (a save in flight lives in a temporary directory until renamed)."""
+    """Checkpoint steps orbax has committed: a save in flight lives in a temporary directory until renamed, and a
+    committed step directory carries its metadata and commit marker."""
     directory = Path(workdir) / "checkpoints"
-    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+    if not directory.exists():
+        return []
+    return sorted(int(p.name) for p in directory.iterdir()
+                  if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file() and (p / "commit_success.txt").is_file())
 
 
 def logged_lines(workdir):

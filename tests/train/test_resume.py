@@ -108,8 +108,8 @@ def test_sigkill_at_random_moments_never_loads_a_partial_checkpoint(uninterrupte
         proc = start(killed)
         wanted = before + int(rng.integers(4, 7))  # past the first periodic checkpoint (step 3), so restarts resume
         deadline = time.time() + 600
-        while logged_lines(killed) < wanted and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
+        while (logged_lines(killed) < wanted or not finalized_steps(killed)) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)  # past a committed checkpoint, so the restart has one to resume from
         time.sleep(float(rng.uniform(0.0, 0.4)))
         proc.kill()
         out, _ = proc.communicate(timeout=120)

@@ -31,7 +31,9 @@ flags.DEFINE_string("trace_dir", "", "also write a jax.profiler trace of 3 train
 def jax_parts(variant: str, size: int, batch: int, impl: str, budget: float) -> dict[str, dict[str, float]]:
     """{part: {"forward_ms", "forward_backward_ms"}} in train mode (batch statistics); gradients w.r.t. params and
     the part's input, except the stem's (the images), as in training."""
-    model = build_model({"variant": variant, "input_size": size, "depthwise_impl": impl, "embedding_dim": 512})
+    from resmobile_jax.bench.jax_side import bench_config
+
+    model = build_model(bench_config(variant, size, "float32", impl).model)
     model.train()
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     x = jnp.asarray(np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32))

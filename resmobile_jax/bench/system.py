@@ -6,7 +6,6 @@ import os
 import threading
 import time
 
-import jax
 
 PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
@@ -68,8 +67,3 @@ def cpu_peak_gflops() -> tuple[float | None, str]:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return cores * mhz / 1e3 * per_cycle, f"{cores} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FLOP/cycle ({isa})"
 
-
-def jax_device_peak_bytes() -> int | None:
-    """Peak device memory JAX has used so far (accelerators only; None on CPU)."""
-    stats = jax.devices()[0].memory_stats() if jax.default_backend() != "cpu" else None
-    return None if not stats else stats.get("peak_bytes_in_use")

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from resmobile_jax.bench.jax_side import NUM_CLASSES, synthetic_batch
 from resmobile_jax.bench.system import PeakRSS
 from resmobile_jax.convert.torch_reference import build_reference
 from resmobile_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -89,7 +90,8 @@ def train(variant, size, batch, config, dtype: str, budget_seconds: float, compi
     normalize = _Normalize(device)
     with PeakRSS() as mem:
         model = build_reference(variant, int(config.model.embedding_dim)).to(device).to(memory_format=torch.channels_last).train()
-        proxies = torch.nn.Parameter(torch.randn(10, int(config.model.embedding_dim), device=device) * math.sqrt(2.0 / 10))
+        proxies = torch.nn.Parameter(torch.randn(NUM_CLASSES, int(config.model.embedding_dim), device=device)
+                                     * math.sqrt(2.0 / NUM_CLASSES))
         params = list(model.parameters())
         decay = [p for p in params if p.ndim > 1]
         no_decay = [p for p in params if p.ndim <= 1]
@@ -100,9 +102,9 @@ def train(variant, size, batch, config, dtype: str, budget_seconds: float, compi
         ema = [p.detach().clone() for p in params]
         ema_decay = float(opt.ema_decay)
         forward = _maybe_compile(model, compile_model)
-        rng = np.random.default_rng(0)
-        images = torch.from_numpy(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)).to(device)
-        labels = torch.from_numpy((np.arange(batch) % 10).astype(np.int64)).to(device)
+        data = synthetic_batch(batch, size)  # the arrays the JAX train step gets
+        images = torch.from_numpy(data["image"]).to(device)
+        labels = torch.from_numpy(data["label"].astype(np.int64)).to(device)
         last = {}
 
         def call():

@@ -78,9 +78,9 @@ class RunCheckpoints:
             reason = storage_failure(e)
             if reason is None:
                 raise
-            steps = [st for st in self.latest.all_steps() if st is not None]
-            intact = f"the last complete checkpoint is step {max(steps)} in {self.directory}" if steps else \
-                "no complete checkpoint was written yet"
+            good = self.latest_step()
+            intact = (f"the last complete checkpoint is step {good} in {self.directory}" if good is not None
+                      else "no complete checkpoint was written yet")
             raise CheckpointWriteError(
                 f"could not write {what} to {self.directory}: {reason}; {intact}. Free space or fix the permissions of the workdir, then rerun "
                 f"the same command to resume from it"

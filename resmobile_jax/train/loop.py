@@ -125,8 +125,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     parallel.maybe_initialize_distributed()
     check_config(config)
     workdir = Path(workdir).absolute()
-    check_workdir(config, workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    check_workdir(config, workdir)  # also creates it, and proves it writable
     main = jax.process_index() == 0
     progress = bool(config.train.progress) and main
     t_start = time.time()
@@ -241,9 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 skipped = skipped + jnp.logical_not(step_metrics["finite"]).astype(jnp.int32)
             last = step == total_steps
             logging_step = step % int(config.train.log_every_steps) == 0 or last or stop.signal
-            saving_step = step % int(config.train.checkpoint_every_steps) == 0 or last or stop.signal
-            values = check_finite(step_metrics, step) if (logging_step or saving_step) else None
             if logging_step:
+                values = check_finite(step_metrics, step)
                 now = time.time()
                 values["images_per_second"] = (step - last_log) * int(config.data.batch_size) / max(now - t_log, 1e-9)
                 last_log, t_log = step, now
@@ -259,10 +257,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             every_eval = int(config.train.eval_every_steps)
             if every_eval and step % every_eval == 0 and not last:
                 run_eval(step)
-            if stop.signal and not saving_step:  # the signal came during this step's bookkeeping: save it too
-                check_finite(step_metrics, step)
-                saving_step = True
-            if saving_step:
+            # stop.signal is read here, so a signal that arrived during this step's bookkeeping saves this step too.
+            if step % int(config.train.checkpoint_every_steps) == 0 or last or stop.signal:
+                if not logging_step:
+                    check_finite(step_metrics, step)  # never checkpoint a state that went NaN since the last check
                 checkpoints.save(step, state, record(step))
             if stop.signal:
                 checkpoints.wait()

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from resmobile_jax.models import ResMobileNet, build_model
+from resmobile_jax.models import VARIANTS, ResMobileNet, build_model
 
 METADATA_FILE = "metadata.json"
 STATE_DIR = "state"
@@ -101,7 +101,29 @@ def read_metadata(directory: str | os.PathLike) -> dict:
             f"{directory} is not a resmobile_jax model checkpoint (expected {METADATA_FILE} and {STATE_DIR}/ inside); "
             f"convert a PyTorch checkpoint with `python -m resmobile_jax.convert to-flax`"
         )
-    return json.loads(meta_file.read_text())
+    try:
+        meta = json.loads(meta_file.read_text())
+        variant = meta["model"]["variant"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{meta_file} is not valid model metadata ({type(e).__name__}: {e}); the checkpoint was "
+                         "damaged or written by another tool: convert the source checkpoint again") from None
+    if variant not in VARIANTS:
+        raise ValueError(f"{meta_file} names model variant {variant!r}, which this version of resmobile_jax does not "
+                         f"know (it builds {', '.join(VARIANTS)}); was it written by a newer version, or edited?")
+    return meta
+
+
+def model_fingerprint(model: nnx.Module) -> str:
+    """sha256 over every weight and BN statistic (names, shapes, dtypes, bytes): which model produced an embedding.
+    Galleries record it, so a search never compares embeddings from different models."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(model_state_dict(model).items()):
+        value = np.ascontiguousarray(value)
+        h.update(f"{key}|{value.shape}|{value.dtype}|".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
 
 
 def load_model(directory: str | os.PathLike, expect_variant: str | None = None) -> tuple[ResMobileNet, dict]:

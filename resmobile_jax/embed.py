@@ -1,6 +1,12 @@
-"""Embedding a set of images with a model: batched, jitted, sharded over the mesh, padding dropped."""
+"""Embedding a set of images with a model: batched, jitted, sharded over the mesh, padding dropped.
+
+`python -m resmobile_jax.embed --checkpoint RUN_OR_MODEL --images DIR --out gallery.npz` embeds a folder into a
+gallery file (`resmobile_jax.gallery`) that `python -m resmobile_jax.search` queries.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -36,3 +42,81 @@ def embed_images(embed_fn, params, batch_stats, images: ImageSet, preprocess: Pr
         emb = embed_fn(params, batch_stats, jax.make_array_from_process_local_data(sharding, local["image"]))
         out.append(np.asarray(emb.addressable_data(0))[:real])  # replicated: every process holds all rows
     return np.concatenate(out)
+
+
+def embed_files(loaded, paths: list[str], input_hw: tuple[int, int], batch_size: int = 64,
+                progress: bool = False) -> np.ndarray:
+    """(N, D) embeddings of image files with a loaded model (`evaluate.LoadedModel`), evaluation preprocessing."""
+    from resmobile_jax.train.state import split_model
+
+    mesh = parallel.data_mesh()
+    devices = jax.device_count()
+    batch_size = min(batch_size, -(-len(paths) // devices) * devices)  # a handful of queries: no 64-image padding
+    graphdef, params, batch_stats = split_model(loaded.model)
+    preprocess = Preprocess(*input_hw, eval_crop_fraction=float(loaded.config.data.eval_crop_fraction))
+    fn = make_embed_fn(graphdef, jax.numpy.dtype(loaded.config.model.dtype), mesh)
+    images = ImageSet(list(paths), np.zeros(len(paths), np.int32), [])
+    return embed_images(fn, params, batch_stats, images, preprocess, batch_size, mesh, progress)
+
+
+def model_input_hw(loaded, input_size=None) -> tuple[int, int]:
+    from resmobile_jax.cli import parse_size
+    from resmobile_jax.models import input_hw
+
+    return parse_size(input_size) if input_size else input_hw(loaded.config.model.input_size)
+
+
+def main(argv):
+    """python -m resmobile_jax.embed --checkpoint RUN_OR_MODEL --images DIR --out gallery.npz"""
+    import sys
+    import time
+
+    from absl import app, flags
+
+    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
+    from resmobile_jax.evaluate import load_checkpoint
+    from resmobile_jax.gallery import Gallery, list_images, save_gallery
+
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    f = flags.FLAGS
+    quiet_logging()
+    enable_compilation_cache()
+    try:
+        if f.out and Path(f.out).exists() and not f.overwrite:  # before any work
+            raise ValueError(f"{f.out} exists; pass --overwrite to replace it, or choose another --out")
+        loaded = load_checkpoint(f.checkpoint)
+        hw = model_input_hw(loaded, f.input_size)
+        paths, labels, class_names, skipped = list_images(f.images)
+        print(f"embedding {len(paths)} images from {f.images} ({len(class_names)} labelled folders) with "
+              f"{loaded.source} at {hw[0]}x{hw[1]}", flush=True)
+        for path, reason in skipped[:10]:
+            print(f"skipped {path}: {reason}", file=sys.stderr)
+        if len(skipped) > 10:
+            print(f"... and {len(skipped) - 10} more skipped files", file=sys.stderr)
+        started = time.perf_counter()
+        embeddings = embed_files(loaded, paths, hw, f.batch_size, progress=True)
+        from resmobile_jax.checkpoint import model_fingerprint
+
+        meta = {"model_sha256": model_fingerprint(loaded.model), "source": loaded.source,
+                "checkpoint": str(Path(f.checkpoint).absolute()), "variant": loaded.model.variant,
+                "embedding_dim": loaded.model.embedding_dim, "input_hw": list(hw),
+                "images_root": str(Path(f.images).absolute()), "skipped_files": len(skipped)}
+        out = save_gallery(f.out, Gallery(embeddings, paths, labels, class_names, meta), overwrite=f.overwrite)
+    except ValueError as e:  # EvaluationError, GalleryError, DatasetError are ValueErrors with a message for the user
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}: {len(paths)} embeddings of size {embeddings.shape[1]} in {time.perf_counter() - started:.1f} s"
+          + (f"; {len(skipped)} files skipped" if skipped else ""))
+
+
+if __name__ == "__main__":
+    from absl import app, flags
+
+    flags.DEFINE_string("checkpoint", None, "a training run's workdir or a model checkpoint (convert to-flax --out)")
+    flags.DEFINE_string("images", None, "folder of images; files in DIR/<class>/ are labelled <class>")
+    flags.DEFINE_string("out", None, "gallery file to write (.npz)")
+    flags.DEFINE_string("input_size", None, "H or HxW (default: the checkpoint's training size)")
+    flags.DEFINE_integer("batch_size", 64, "images per jitted call")
+    flags.DEFINE_bool("overwrite", False, "replace an existing --out")
+    flags.mark_flags_as_required(["checkpoint", "images", "out"])
+    app.run(main)

@@ -102,6 +102,47 @@ def load_converted(checkpoint: str | Path, config: ml_collections.ConfigDict | N
                                       + (f" (source sha256 {sha[:12]}...)" if sha else ""))
 
 
+def load_checkpoint(path: str | Path, config: ml_collections.ConfigDict | None = None) -> LoadedModel:
+    """Whatever `path` is: a training run (its best checkpoint) or a model checkpoint directory. For the commands
+    that use a model (export, embed, search); a run's latest checkpoint gets its BN statistics re-estimated here."""
+    from resmobile_jax.checkpoint import METADATA_FILE
+    from resmobile_jax.train.loop import RUN_FILE
+
+    path = Path(path)
+    if (path / RUN_FILE).is_file():
+        loaded = load_run(path, config)
+    elif (path / METADATA_FILE).is_file():
+        loaded = load_converted(path, config)
+    else:
+        raise EvaluationError(f"{path} is neither a training run (no {RUN_FILE}) nor a model checkpoint (no "
+                              f"{METADATA_FILE}); pass the --workdir of a `python train.py` run or the --out of "
+                              "`python -m resmobile_jax.convert to-flax`")
+    if loaded.reestimate_bn:
+        from flax import nnx
+
+        from resmobile_jax.data.protocols import load_splits
+        from resmobile_jax.train.state import split_model
+
+        c = loaded.config
+        _, params, batch_stats = split_model(loaded.model)
+        nnx.update(loaded.model, recompute_bn(loaded, params, batch_stats, load_splits(c.data, int(c.seed)).train))
+        loaded.reestimate_bn = False
+    return loaded
+
+
+def recompute_bn(loaded: LoadedModel, params, batch_stats, train_images, mesh=None):
+    """BN statistics re-estimated on `train_images` with the current weights (what training's evaluation uses)."""
+    from resmobile_jax import parallel
+    from resmobile_jax.train.loop import _preprocess
+    from resmobile_jax.train.precise_bn import make_batch_stats_fn, recompute_batch_stats
+
+    c = loaded.config
+    mesh = mesh or parallel.data_mesh()
+    return recompute_batch_stats(make_batch_stats_fn(loaded.model, jnp.dtype(c.model.dtype), mesh), params,
+                                 batch_stats, train_images, _preprocess(c), int(c.data.batch_size),
+                                 int(c.train.precise_bn_images), int(c.seed), mesh)
+
+
 def embed_split(loaded: LoadedModel, images, mesh=None, progress: bool = True, recompute_bn_from=None) -> np.ndarray:
     """(N, D) embeddings of an ImageSet with the eval preprocessing. `recompute_bn_from` (an ImageSet): re-estimate
     BN statistics on it first, as training's evaluation does for weights whose running averages lag."""
@@ -116,11 +157,7 @@ def embed_split(loaded: LoadedModel, images, mesh=None, progress: bool = True, r
     graphdef, params, batch_stats = split_model(loaded.model)
     preprocess = _preprocess(c)
     if recompute_bn_from is not None:
-        from resmobile_jax.train.precise_bn import make_batch_stats_fn, recompute_batch_stats
-
-        batch_stats = recompute_batch_stats(make_batch_stats_fn(loaded.model, dtype, mesh), params, batch_stats,
-                                            recompute_bn_from, preprocess, int(c.data.batch_size),
-                                            int(c.train.precise_bn_images), int(c.seed), mesh)
+        batch_stats = recompute_bn(loaded, params, batch_stats, recompute_bn_from, mesh)
     embed_fn = make_embed_fn(graphdef, dtype, mesh)
     return embed_images(embed_fn, params, batch_stats, images, preprocess, int(c.data.eval_batch_size), mesh, progress)
 

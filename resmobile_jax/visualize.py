@@ -93,7 +93,8 @@ def save_tsne(path: str | Path, panels: list[tuple[str, np.ndarray]], labels: np
 
 def save_retrieval_grid(path: str | Path, images, labels: np.ndarray, queries: np.ndarray, neighbours: np.ndarray,
                         scores: np.ndarray, class_names: list[str], title: str = "") -> Path:
-    """Rows: a query image, then its top-K results with cosine scores; green frame = same class, red = wrong.
+    """Rows: a query image, then its top-K results with cosine scores; green frame = same class, red = wrong, gray =
+    a label unknown (-1).
     `images[i]` is an (H, W, 3) uint8 array (the evaluation crop the model saw)."""
     plt = _pyplot()
     k = neighbours.shape[1]
@@ -105,14 +106,15 @@ def save_retrieval_grid(path: str | Path, images, labels: np.ndarray, queries: n
             ax.imshow(images[i], interpolation="nearest")
             ax.set_xticks([])
             ax.set_yticks([])
-            name = class_names[labels[i]] if labels[i] < len(class_names) else str(labels[i])
+            name = class_names[labels[i]] if 0 <= labels[i] < len(class_names) else ("" if labels[i] < 0 else str(labels[i]))
             if score is None:
-                ax.set_title(f"query: {name}", fontsize=7)
+                ax.set_title(f"query: {name}" if name else "query", fontsize=7)
                 color, width = "black", 2
             else:
-                ok = labels[i] == labels[q]
-                ax.set_title(f"{score:.3f} {name}", fontsize=7, color="green" if ok else "red")
-                color, width = ("green" if ok else "red"), 3
+                known = labels[i] >= 0 and labels[q] >= 0  # unlabelled (-1): no right or wrong to show
+                color = "gray" if not known else "green" if labels[i] == labels[q] else "red"
+                ax.set_title(f"{score:.3f} {name}".strip(), fontsize=7, color=color)
+                width = 3
             for spine in ax.spines.values():
                 spine.set_edgecolor(color)
                 spine.set_linewidth(width)

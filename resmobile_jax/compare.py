@@ -25,6 +25,10 @@ flags.DEFINE_multi_string("set", [], "config override applied to both variants, 
 flags.DEFINE_integer("seeds", 1, "train each variant with this many seeds (config seed, +1, ...); report mean ± std")
 flags.DEFINE_integer("tsne_points", 2000, "class-stratified evaluation subsample for t-SNE and cluster quality")
 flags.DEFINE_integer("timing_size", 224, "second image size to time inference at (the seed's figures refer to 224)")
+flags.DEFINE_bool("export", True, "export both models (LiteRT fp32/fp16/int8, ONNX where its extras are installed) at "
+                  "--timing_size and report size, edge-runtime latency and fidelity")
+flags.DEFINE_list("export_formats", None, "formats to export (default: all, onnx where its extras are installed)")
+flags.DEFINE_integer("export_check_images", 256, "evaluation images each export is checked on against JAX")
 
 BATCH_INPUT, BATCH_LARGE = 64, 32  # throughput batch sizes at the training input size and at --timing_size
 
@@ -35,7 +39,9 @@ SEED = {
     "model size": ("~5 MB", "~7 MB"),
     "FLOPs": ("~300M", "~350M"),
     "accuracy": ("", "+1-2%"),
+    "mobile": ("very good", "good (but heavier)"),
 }
+EDGE_BUDGET_MS = 50  # the seed: "latency matters (inference < 50 ms needed)"
 METRICS = [("precision_at_1", "P@1"), ("recall_at_5", "Recall@5 (DML: >= 1 relevant in top 5)"),
            ("recall_at_10", "Recall@10"), ("map", "mAP (full ranking)"), ("map_at_r", "MAP@R"),
            ("r_precision", "R-Precision")]
@@ -147,7 +153,30 @@ def _cell(values, fmt="{:.4f}") -> str:
     return fmt.format(m) + (f" ± {fmt.format(s)}" if len(values) > 1 else "")
 
 
-def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, timings) -> str:
+def export_rows(exports) -> list[str]:
+    """One row per exported format (size, batch-1 latency in its runtime, fidelity), then the seed's Mobile-friendly
+    row answered with the smallest export's figures."""
+    if not exports:
+        return []
+    e1, e2 = exports
+    hw = e1["input_hw"][0]
+    rows = []
+    for fmt, r1 in e1["formats"].items():
+        r2 = e2["formats"][fmt]
+        cell = lambda r: (f"{r['size_mb']:.2f} MB, {r['batch_1']['median_ms']:.1f} ms, max diff {r['max_abs_diff']:.1e}, "  # noqa: E731
+                          f"P@1 {r['precision_at_1']:.3f} vs JAX {r['precision_at_1_jax']:.3f}")
+        rows.append(f"| export {fmt} ({r1['runtime']}), {hw} px: size, batch-1 latency, fidelity on "
+                    f"{r1['check_images']} eval images | {cell(r1)} | {cell(r2)} | | |")
+    smallest = min(e1["formats"], key=lambda f: e1["formats"][f]["size_mb"])
+    mobile = lambda r: (f"{smallest}: {r['size_mb']:.1f} MB, {r['batch_1']['median_ms']:.1f} ms at {hw} px "  # noqa: E731
+                        f"({'under' if r['batch_1']['median_ms'] < EDGE_BUDGET_MS else 'OVER'} the {EDGE_BUDGET_MS} ms budget)")
+    rows.append(f"| Mobile-friendly (measured: smallest export, {e1['formats'][smallest]['runtime']} on this CPU) | "
+                f"{mobile(e1['formats'][smallest])} | {mobile(e2['formats'][smallest])} | "
+                f"{SEED['mobile'][0]} / {SEED['mobile'][1]} | |")
+    return rows
+
+
+def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, timings, exports=None) -> str:
     (p1, p2), (a1, a2), (t1, t2) = profiles, analyses, timings
     c = configs[0]
     n_seeds = len(runs[0])
@@ -173,6 +202,7 @@ def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, tim
         f"| MACs at 224 px | {p1['total']['macs'] / 1e6:.1f} M | {p2['total']['macs'] / 1e6:.1f} M | "
         f"\"FLOPs\" {SEED['FLOPs'][0]} / {SEED['FLOPs'][1]} | |",
         f"| XLA FLOPs at 224 px | {p1['total']['xla_flops'] / 1e6:.1f} M | {p2['total']['xla_flops'] / 1e6:.1f} M | | |",
+        *export_rows(exports),
     ]
     for key, label in METRICS:
         seed = f"{SEED['accuracy'][0]} / {SEED['accuracy'][1]}" if key == "precision_at_1" else ""
@@ -199,7 +229,10 @@ def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, tim
         f"{c.loss.name}, {r1['step']} steps of batch {c.data.batch_size}, optimizer {c.optimizer.name} "
         f"(peak LR {c.optimizer.learning_rate}), {seeds}. Retrieval: evaluation set queried leave-one-out, cosine. "
         f"Timing: {t1['large']['device']}, jitted, uint8 images in, embeddings out; "
-        f"compile excluded. Pictures: the first seed's models, {q1['points']} class-stratified evaluation images.",
+        f"compile excluded. Pictures: the first seed's models, {q1['points']} class-stratified evaluation images."
+        + (" Exports (`python -m resmobile_jax.export`): uint8 images in, embeddings out, timed in their own runtime "
+           "with all cores; max diff = largest absolute difference of an embedding element from JAX's float32 one."
+           if exports else ""),
         "",
         *rows,
         "",
@@ -216,8 +249,8 @@ def write_report(workdir: Path, configs, runs, profiles, baseline, analyses, tim
     ])
     (workdir / "report.md").write_text(text)
     (workdir / "report.json").write_text(json.dumps(
-        {"v1": {"runs": runs[0], "profile": p1, "timing": t1, "pictures": a1},
-         "v2": {"runs": runs[1], "profile": p2, "timing": t2, "pictures": a2},
+        {"v1": {"runs": runs[0], "profile": p1, "timing": t1, "pictures": a1, "export": exports and exports[0]},
+         "v2": {"runs": runs[1], "profile": p2, "timing": t2, "pictures": a2, "export": exports and exports[1]},
          "raw_pixel_baseline": baseline}, indent=2, default=str) + "\n")
     return text
 
@@ -290,7 +323,18 @@ def main(argv):
                 f"{a['cluster_quality']['kmeans_nmi']:.3f}", p) for cfg, a, p in zip(configs, analyses, points)],
               splits.eval.labels[sample], splits.eval.class_names)
     profiles = [profile_model(cfg.model, 224, checkpoint_size=False) for cfg in configs]
-    print(write_report(workdir, configs, runs, profiles, baseline, analyses, timings))
+    exports = None
+    if FLAGS.export:
+        from resmobile_jax.export.__main__ import run_export
+
+        exports = []
+        for cfg in configs:
+            print(f"{cfg.model.variant}: exporting (LiteRT, ONNX) at {FLAGS.timing_size} px ...", flush=True)
+            exports.append(run_export(run_dir(workdir, cfg.model.variant, 0), workdir / f"export_{cfg.model.variant}",
+                                      formats=FLAGS.export_formats, input_size=FLAGS.timing_size,
+                                      check_images=FLAGS.export_check_images,
+                                      progress=False, overwrite=True))
+    print(write_report(workdir, configs, runs, profiles, baseline, analyses, timings, exports))
     print(f"wrote {workdir / 'report.md'}, report.json and the PNGs")
 
 

@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import pytest
-from ml_collections import config_flags  # noqa: F401  (the loader train.py uses)
 
 from configs import v1, v2
 

@@ -25,8 +25,10 @@ flags.DEFINE_integer("batch_size", 64, "batch size of the check")
 
 
 def run_export(checkpoint, out: Path | None = None, formats=None, input_size=None, check_images: int = 0,
-               batch_size: int = 64, config: ml_collections.ConfigDict | None = None, progress: bool = True) -> dict:
-    """The whole command as a function (compare and the tests call it). Returns the export.json record."""
+               batch_size: int = 64, config: ml_collections.ConfigDict | None = None, progress: bool = True,
+               overwrite: bool = False) -> dict:
+    """The whole command as a function (compare and the tests call it). Returns the export.json record.
+    `overwrite`: replace an earlier export in `out` (compare regenerates its own; the command line never does)."""
     from resmobile_jax.cli import parse_size
     from resmobile_jax.data.protocols import load_splits
     from resmobile_jax.data.sources import DatasetError
@@ -39,7 +41,7 @@ def run_export(checkpoint, out: Path | None = None, formats=None, input_size=Non
 
     loaded = load_checkpoint(checkpoint, config)
     out = Path(out or Path(checkpoint) / "export").absolute()
-    if (out / "export.json").exists():
+    if (out / "export.json").exists() and not overwrite:
         raise ExportError(f"{out} already holds an export (export.json); pass a new --out or delete it first")
     skipped = {}
     if formats is None:

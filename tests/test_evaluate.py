@@ -75,6 +75,20 @@ def test_latest_checkpoint_reestimates_bn_like_training_did(run, tmp_path):
     assert result["metrics"]["map"] == pytest.approx(final["map"], abs=1e-6)
 
 
+def test_load_checkpoint_of_a_run_without_best_writes_reestimated_bn_into_the_model(run, tmp_path):
+    """export/embed/search take the model as loaded: a run with only its latest checkpoint gets its BN statistics
+    re-estimated once, in the model, and then embeds what training's evaluation measured."""
+    from resmobile_jax.evaluate import load_checkpoint
+
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("best"))
+    final = json.loads((run / "final_metrics.json").read_text())
+    loaded = load_checkpoint(copy)
+    assert "BN statistics re-estimated" in loaded.source and not loaded.reestimate_bn
+    result = evaluate(loaded, tmp_path / "eval", timing=False, draw=False)
+    assert result["metrics"]["map"] == pytest.approx(final["map"], abs=1e-6)
+
+
 def test_no_checkpoint_and_not_a_run(run, tmp_path):
     (tmp_path / "empty").mkdir()
     shutil.copy(run / "run.json", tmp_path / "empty" / "run.json")

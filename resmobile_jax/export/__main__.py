@@ -26,7 +26,7 @@ flags.DEFINE_integer("batch_size", 64, "batch size of the check")
 
 def run_export(checkpoint, out: Path | None = None, formats=None, input_size=None, check_images: int = 0,
                batch_size: int = 64, config: ml_collections.ConfigDict | None = None, progress: bool = True,
-               overwrite: bool = False) -> dict:
+               overwrite: bool = False, timing_budget_seconds: float = 5.0) -> dict:
     """The whole command as a function (compare and the tests call it). Returns the export.json record.
     `overwrite`: replace an earlier export in `out` (compare regenerates its own; the command line never does)."""
     from resmobile_jax.cli import parse_size
@@ -60,7 +60,8 @@ def run_export(checkpoint, out: Path | None = None, formats=None, input_size=Non
         eval_set = eval_set.subset(stratified_sample(eval_set.labels, check_images, int(c.seed)))
     if progress:
         print(f"exporting {loaded.source} at {hw[0]}x{hw[1]} to {', '.join(formats)}", flush=True)
-    results = export_and_check(loaded.model, formats, hw, out, eval_set, _preprocess(c), batch_size, progress)
+    results = export_and_check(loaded.model, formats, hw, out, eval_set, _preprocess(c), batch_size, progress,
+                               timing_budget_seconds)
     record = {"source": loaded.source, "variant": loaded.model.variant, "input_hw": list(hw),
               "check_images": len(eval_set), "data": c.data.dataset, "formats": results, "not_exported": skipped}
     (out / "export.json").write_text(json.dumps(record, indent=2) + "\n")

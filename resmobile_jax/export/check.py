@@ -74,7 +74,7 @@ def export_format(model, fmt: str, input_hw: tuple[int, int], out: Path):
 
 
 def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check_images, preprocess,
-                     batch_size: int = 64, progress: bool = True) -> dict:
+                     batch_size: int = 64, progress: bool = True, timing_budget_seconds: float = 5.0) -> dict:
     """Exports `model` (a ResMobileNet, eval mode) to each format in `out`, checks each against JAX on
     `check_images` (an ImageSet, labels used for P@1) and times it at batch 1. Returns one record per format."""
     from resmobile_jax.data.pipeline import eval_batches
@@ -114,14 +114,14 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
 
     jax_p1 = p_at_1(embeddings["jax"])
     one = np.random.default_rng(0).integers(0, 256, (1, *input_hw, 3), dtype=np.uint8)
-    jax_latency = time_jitted(reference, one)
+    jax_latency = time_jitted(reference, one, budget_seconds=timing_budget_seconds)
     for fmt in formats:
         r = results[fmt]
         r["max_abs_diff"] = float(np.abs(embeddings[fmt] - embeddings["jax"]).max())
         r["precision_at_1"] = p_at_1(embeddings[fmt])
         r["precision_at_1_jax"] = jax_p1
         r["check_images"] = len(labels)
-        r["batch_1"] = repeat_timing(lambda: runners[fmt](one))
+        r["batch_1"] = repeat_timing(lambda: runners[fmt](one), budget_seconds=timing_budget_seconds)
         r["batch_1_jax"] = {k: v for k, v in jax_latency.items() if k != "compile_seconds"}
         r["verdict"] = verdict(fmt, r)
     return results

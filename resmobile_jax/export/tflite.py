@@ -34,16 +34,17 @@ def to_tflite(embed_fn, input_hw: tuple[int, int], quantization: str = "fp32") -
 
 
 def _interpreter_class():
-    """LiteRT's interpreter (ai-edge-litert), else TensorFlow's deprecated copy of it."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-    except ImportError:
-        import warnings
+    """TensorFlow's LiteRT interpreter; the standalone ai-edge-litert package only where TensorFlow lacks it.
+    Measured here: ai-edge-litert 2.3.0's interpreter ran V1 at 224 px in 338 ms, TensorFlow 2.21's in 35 ms."""
+    import warnings
 
-        import tensorflow as tf
+    import tensorflow as tf
 
+    if hasattr(tf.lite, "Interpreter"):
         warnings.filterwarnings("ignore", message=".*tf.lite.Interpreter is deprecated.*")
-        Interpreter = tf.lite.Interpreter
+        return tf.lite.Interpreter
+    from ai_edge_litert.interpreter import Interpreter
+
     return Interpreter
 
 

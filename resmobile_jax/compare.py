@@ -298,7 +298,7 @@ def export_model(workdir: Path, config) -> tuple[dict, dict]:
                          timing_budget_seconds=2.0)
     edge_formats = [f for f in EDGE_FORMATS if f in quality["formats"]]
     edge = run_export(run, workdir / f"export_{variant}_edge", formats=edge_formats, input_size=FLAGS.timing_size,
-                      check_images=64, progress=False, overwrite=True, timing_budget_seconds=2.0)
+                      check_images=32, batch_size=32, progress=False, overwrite=True, timing_budget_seconds=2.0)
     return quality, edge
 
 

@@ -15,13 +15,6 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "the model that embedded the gallery (a run's workdir or a model checkpoint)")
-flags.DEFINE_string("gallery", None, "gallery file from python -m resmobile_jax.embed")
-flags.DEFINE_integer("k", 5, "matches per query")
-flags.DEFINE_string("png", "search.png", "PNG grid of the results ('' for none)")
-flags.DEFINE_enum("index", "exact", ["exact", "faiss"], "exact search, or a faiss HNSW index (pip install faiss-cpu)")
-flags.DEFINE_integer("batch_size", 64, "query images per jitted call")
-
 
 def check_queries(paths) -> None:
     """Every query must be a readable image; says which one is not, and why."""
@@ -123,6 +116,12 @@ def main(argv):
         print(f"wrote {draw(FLAGS.png, gallery, queries, scores, neighbours)}")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined only when run: importing search() defines none
+    flags.DEFINE_string("checkpoint", None, "the model that embedded the gallery (a run's workdir or a model checkpoint)")
+    flags.DEFINE_string("gallery", None, "gallery file from python -m resmobile_jax.embed")
+    flags.DEFINE_integer("k", 5, "matches per query")
+    flags.DEFINE_string("png", "search.png", "PNG grid of the results ('' for none)")
+    flags.DEFINE_enum("index", "exact", ["exact", "faiss"], "exact search, or a faiss HNSW index (pip install faiss-cpu)")
+    flags.DEFINE_integer("batch_size", 64, "query images per jitted call")
     flags.mark_flags_as_required(["checkpoint", "gallery"])
     app.run(main)

@@ -15,13 +15,6 @@ import ml_collections
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("checkpoint", None, "a training run's workdir or a model checkpoint (convert to-flax --out)")
-flags.DEFINE_string("out", None, "output directory (default: CHECKPOINT/export); must not hold an earlier export")
-flags.DEFINE_list("formats", None, "some of tflite_fp32, tflite_fp16, tflite_int8, onnx (default: all; onnx only "
-                  "where its extras are installed)")
-flags.DEFINE_string("input_size", None, "H or HxW of the exported model (default: the checkpoint's training size)")
-flags.DEFINE_integer("check_images", 0, "evaluation images the exports are checked on (class-stratified; 0 = all)")
-flags.DEFINE_integer("batch_size", 64, "batch size of the check")
 
 
 def run_export(checkpoint, out: Path | None = None, formats=None, input_size=None, check_images: int = 0,
@@ -99,6 +92,13 @@ def main(argv):
     print(f"wrote {out}/export.json, export.md and the model files")
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # flags defined only when run, so importing run_export (compare, tests) defines none
+    flags.DEFINE_string("checkpoint", None, "a training run's workdir or a model checkpoint (convert to-flax --out)")
+    flags.DEFINE_string("out", None, "output directory (default: CHECKPOINT/export); must not hold an earlier export")
+    flags.DEFINE_list("formats", None, "some of tflite_fp32, tflite_fp16, tflite_int8, onnx (default: all; onnx only "
+                      "where its extras are installed)")
+    flags.DEFINE_string("input_size", None, "H or HxW of the exported model (default: the checkpoint's training size)")
+    flags.DEFINE_integer("check_images", 0, "evaluation images the exports are checked on (class-stratified; 0 = all)")
+    flags.DEFINE_integer("batch_size", 64, "batch size of the check")
     flags.mark_flags_as_required(["checkpoint"])
     app.run(main)

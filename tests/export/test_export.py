@@ -46,8 +46,8 @@ def test_export_round_trip(tmp_path, variant):
     from resmobile_jax.export.tflite import TFLiteRunner
 
     ckpt, model, reference = converted_checkpoint(tmp_path / "ckpt", variant)
-    record = run_export(ckpt, tmp_path / "export", check_images=300, progress=False)
-    assert set(record["formats"]) == set(FORMATS) and record["check_images"] == 300
+    record = run_export(ckpt, tmp_path / "export", check_images=200, progress=False, timing_budget_seconds=0.2)
+    assert set(record["formats"]) == set(FORMATS) and record["check_images"] == 200
     assert json.loads((tmp_path / "export" / "export.json").read_text()) == record
     assert "| tflite_int8 (LiteRT) |" in (tmp_path / "export" / "export.md").read_text()
     for fmt, r in record["formats"].items():

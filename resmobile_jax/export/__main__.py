@@ -81,8 +81,9 @@ def main(argv):
     quiet_logging()
     enable_compilation_cache()
     try:
+        config = FLAGS.config and ml_collections.ConfigDict(FLAGS.config.to_dict())  # unlocked copy
         record = run_export(FLAGS.checkpoint, FLAGS.out, FLAGS.formats, FLAGS.input_size, FLAGS.check_images,
-                            FLAGS.batch_size)
+                            FLAGS.batch_size, config)
     except (EvaluationError, ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(format_table(record["formats"]))
@@ -100,5 +101,10 @@ if __name__ == "__main__":  # flags defined only when run, so importing run_expo
     flags.DEFINE_string("input_size", None, "H or HxW of the exported model (default: the checkpoint's training size)")
     flags.DEFINE_integer("check_images", 0, "evaluation images the exports are checked on (class-stratified; 0 = all)")
     flags.DEFINE_integer("batch_size", 64, "batch size of the check")
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "data to check the exports on (configs/v1.py[:preset] with "
+                                    "--config.data.*); default: the run's own data, or the cpu preset for a model "
+                                    "checkpoint", lock_config=False)
     flags.mark_flags_as_required(["checkpoint"])
     app.run(main)

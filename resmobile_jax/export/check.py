@@ -30,7 +30,7 @@ def float32_copy(model, depthwise_impl: str = "auto"):
     from resmobile_jax.models import build_model
 
     copy = build_model({"variant": model.variant, "embedding_dim": model.embedding_dim,
-                        "v2_output_stride": model.output_stride if model.variant == "v2" else 32,
+                        "v2_output_stride": model.v2_output_stride,
                         "depthwise_impl": depthwise_impl, "dtype": "float32"})
     load_state_dict(copy, model_state_dict(model))
     return copy

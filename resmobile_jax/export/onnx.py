@@ -39,9 +39,8 @@ def to_onnx(model, input_hw: tuple[int, int], path: str | os.PathLike) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "weights.safetensors"
         save_file({k: np.ascontiguousarray(v) for k, v in flax_to_torch(model).items()}, str(weights))
-        stride = model.output_stride if model.variant == "v2" else 32
         cmd = [sys.executable, "-m", "resmobile_jax.export.onnx", str(weights), model.variant,
-               str(model.embedding_dim), str(stride), str(input_hw[0]), str(input_hw[1]), str(path)]
+               str(model.embedding_dim), str(model.v2_output_stride), str(input_hw[0]), str(input_hw[1]), str(path)]
         done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0 or not path.is_file():
         raise RuntimeError(f"ONNX export failed (exit {done.returncode}):\n{done.stderr[-3000:]}")

@@ -50,6 +50,7 @@ class ResMobileNet(nnx.Module):
             raise ValueError(f"embedding_dim must be a positive integer, got {embedding_dim}")
         self.variant = variant
         self.embedding_dim = embedding_dim
+        self.v2_output_stride = v2_output_stride  # constructor argument, kept so exports can rebuild the model
         self.output_stride = output_stride(variant, v2_output_stride)
         self.dtype = jnp.dtype(dtype)
         kw = dict(dtype=self.dtype, param_dtype=param_dtype, rng=rng)

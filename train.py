@@ -11,13 +11,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
+    from resmobile_jax.cli import start_command
     from resmobile_jax.train import train_and_evaluate
 
-    quiet_logging()
-    enable_compilation_cache()
+    start_command(argv)
     from resmobile_jax.data.idx import DatasetError
     from resmobile_jax.train.checkpoints import CheckpointWriteError
     from resmobile_jax.train.loop import NonFiniteError

@@ -16,6 +16,17 @@ def quiet_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def start_command(argv, accepts_arguments: bool = False) -> None:
+    """What every `main(argv)` does first: refuse stray positional arguments (usually a flag missing its `--`), keep
+    the logs quiet and turn on the persistent XLA cache."""
+    if len(argv) > 1 and not accepts_arguments:
+        from absl import app
+
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    quiet_logging()
+    enable_compilation_cache()
+
+
 def parse_size(text) -> tuple[int, int]:
     """'224' -> (224, 224); '96x128' -> (96, 128): image sizes on the command line are H or HxW."""
     h, _, w = str(text).lower().partition("x")

@@ -303,20 +303,18 @@ def export_model(workdir: Path, config) -> tuple[dict, dict]:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from resmobile_jax.cli import start_command
+
+    start_command(argv)
     if FLAGS.seeds < 1:
         raise app.UsageError("--seeds must be at least 1")
     from configs import v1, v2
-    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
     from resmobile_jax.data.protocols import load_splits
     from resmobile_jax.evaluate import grid_queries_for
     from resmobile_jax.profile import profile_model
     from resmobile_jax.train.validate import ConfigError
     from resmobile_jax.visualize import save_tsne, stratified_sample
 
-    quiet_logging()
-    enable_compilation_cache()
     workdir = Path(FLAGS.workdir).absolute()
     configs = [v1.get_config(FLAGS.preset), v2.get_config(FLAGS.preset)]
     for c in configs:

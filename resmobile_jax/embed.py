@@ -71,17 +71,14 @@ def main(argv):
     import sys
     import time
 
-    from absl import app, flags
+    from absl import flags
 
-    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
+    from resmobile_jax.cli import start_command
     from resmobile_jax.evaluate import load_checkpoint
     from resmobile_jax.gallery import Gallery, list_images, save_gallery
 
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    start_command(argv)
     f = flags.FLAGS
-    quiet_logging()
-    enable_compilation_cache()
     try:
         if f.out and Path(f.out).exists() and not f.overwrite:  # before any work
             raise ValueError(f"{f.out} exists; pass --overwrite to replace it, or choose another --out")

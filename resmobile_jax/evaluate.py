@@ -261,14 +261,11 @@ def format_result(r: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    from resmobile_jax.cli import start_command
+
+    start_command(argv)
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("pass exactly one of --workdir (a training run) or --checkpoint (a converted model)")
-    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
-
-    quiet_logging()
-    enable_compilation_cache()
     config = FLAGS.config
     if config is not None:
         config = ml_collections.ConfigDict(config.to_dict())  # unlock: the run's model settings replace these

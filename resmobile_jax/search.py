@@ -101,10 +101,9 @@ def draw(png: str, gallery, queries, scores, neighbours) -> Path:
 
 
 def main(argv):
-    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
+    from resmobile_jax.cli import start_command
 
-    quiet_logging()
-    enable_compilation_cache()
+    start_command(argv, accepts_arguments=True)  # the query images
     queries = argv[1:]
     try:
         gallery, _, scores, neighbours = search(FLAGS.checkpoint, FLAGS.gallery, queries, FLAGS.k, FLAGS.index,

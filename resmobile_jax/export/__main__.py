@@ -72,14 +72,11 @@ def run_export(checkpoint, out: Path | None = None, formats=None, input_size=Non
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from resmobile_jax.cli import enable_compilation_cache, quiet_logging
+    from resmobile_jax.cli import start_command
     from resmobile_jax.evaluate import EvaluationError
     from resmobile_jax.export.check import format_table
 
-    quiet_logging()
-    enable_compilation_cache()
+    start_command(argv)
     try:
         config = FLAGS.config and ml_collections.ConfigDict(FLAGS.config.to_dict())  # unlocked copy
         record = run_export(FLAGS.checkpoint, FLAGS.out, FLAGS.formats, FLAGS.input_size, FLAGS.check_images,

@@ -291,8 +291,7 @@ def export_model(workdir: Path, config) -> tuple[dict, dict]:
 
     variant = config.model.variant
     run = run_dir(workdir, variant, 0)
-    print(f"{variant}: exporting (LiteRT{', ONNX' if not FLAGS.export_formats else ''}) and checking the exports ...",
-          flush=True)
+    print(f"{variant}: exporting and checking the exports ...", flush=True)
     quality = run_export(run, workdir / f"export_{variant}", formats=FLAGS.export_formats,
                          check_images=FLAGS.export_check_images, progress=False, overwrite=True,
                          timing_budget_seconds=2.0)

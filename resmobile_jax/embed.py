@@ -60,6 +60,7 @@ def embed_files(loaded, paths: list[str], input_hw: tuple[int, int], batch_size:
 
 
 def model_input_hw(loaded, input_size=None) -> tuple[int, int]:
+    """--input_size (H or HxW) when given, else the size the model was trained at."""
     from resmobile_jax.cli import parse_size
     from resmobile_jax.models import input_hw
 
@@ -75,13 +76,13 @@ def main(argv):
 
     from resmobile_jax.cli import start_command
     from resmobile_jax.evaluate import load_checkpoint
-    from resmobile_jax.gallery import Gallery, list_images, save_gallery
+    from resmobile_jax.checkpoint import model_fingerprint
+    from resmobile_jax.gallery import Gallery, check_output, list_images, save_gallery
 
     start_command(argv)
     f = flags.FLAGS
     try:
-        if f.out and Path(f.out).exists() and not f.overwrite:  # before any work
-            raise ValueError(f"{f.out} exists; pass --overwrite to replace it, or choose another --out")
+        check_output(f.out, f.overwrite)  # before any work
         loaded = load_checkpoint(f.checkpoint)
         hw = model_input_hw(loaded, f.input_size)
         paths, labels, class_names, skipped = list_images(f.images)
@@ -93,8 +94,6 @@ def main(argv):
             print(f"... and {len(skipped) - 10} more skipped files", file=sys.stderr)
         started = time.perf_counter()
         embeddings = embed_files(loaded, paths, hw, f.batch_size, progress=True)
-        from resmobile_jax.checkpoint import model_fingerprint
-
         meta = {"model_sha256": model_fingerprint(loaded.model), "source": loaded.source,
                 "checkpoint": str(Path(f.checkpoint).absolute()), "variant": loaded.model.variant,
                 "embedding_dim": loaded.model.embedding_dim, "input_hw": list(hw),

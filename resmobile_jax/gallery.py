@@ -86,12 +86,18 @@ def _image_files_of(path: Path) -> tuple[list[str], list[tuple[str, str]]]:
     return [], [(str(path), f"not an image file (extension not in {', '.join(IMAGE_EXTENSIONS)})")]
 
 
-def save_gallery(path: str | os.PathLike, gallery: Gallery, overwrite: bool = False) -> Path:
+def check_output(path: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Where a gallery may be written; embed calls it before any work, save_gallery again before writing."""
     path = Path(path)
     if path.suffix != ".npz":
         raise GalleryError(f"--out {path} must end in .npz")
     if path.exists() and not overwrite:
         raise GalleryError(f"{path} exists; pass --overwrite to replace it, or choose another --out")
+    return path
+
+
+def save_gallery(path: str | os.PathLike, gallery: Gallery, overwrite: bool = False) -> Path:
+    path = check_output(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
     np.savez(tmp, embeddings=gallery.embeddings.astype(np.float32), paths=np.asarray(gallery.paths, dtype=str),

@@ -22,13 +22,12 @@ def run_export(checkpoint, out: Path | None = None, formats=None, input_size=Non
                overwrite: bool = False, timing_budget_seconds: float = 5.0) -> dict:
     """The whole command as a function (compare and the tests call it). Returns the export.json record.
     `overwrite`: replace an earlier export in `out` (compare regenerates its own; the command line never does)."""
-    from resmobile_jax.cli import parse_size
     from resmobile_jax.data.protocols import load_splits
     from resmobile_jax.data.sources import DatasetError
+    from resmobile_jax.embed import model_input_hw
     from resmobile_jax.evaluate import load_checkpoint
     from resmobile_jax.export.check import FORMATS, ExportError, export_and_check, failed, format_table
     from resmobile_jax.export.onnx import missing_requirements
-    from resmobile_jax.models import input_hw
     from resmobile_jax.train.loop import _preprocess
     from resmobile_jax.visualize import stratified_sample
 
@@ -43,7 +42,7 @@ def run_export(checkpoint, out: Path | None = None, formats=None, input_size=Non
             formats.remove("onnx")
             skipped["onnx"] = missing_requirements()
     c = loaded.config
-    hw = parse_size(input_size) if input_size else input_hw(c.model.input_size)
+    hw = model_input_hw(loaded, input_size)
     c.model.input_size = hw[0] if hw[0] == hw[1] else list(hw)
     try:
         eval_set = load_splits(c.data, int(c.seed)).eval

@@ -50,15 +50,14 @@ def _write(path: Path, blob: bytes) -> None:
     tmp.replace(path)  # a crash mid-write never leaves a truncated model under the final name
 
 
-def export_format(model, fmt: str, input_hw: tuple[int, int], out: Path):
-    """Writes one export; returns (path, runner)."""
+def export_format(model, fmt: str, input_hw: tuple[int, int], out: Path, tflite_fn=None):
+    """Writes one export; returns (path, runner). `tflite_fn`: what the TFLite formats serialize (see export_and_check)."""
     name = f"resmobilenet_{model.variant}_{input_hw[0]}x{input_hw[1]}"
     if fmt.startswith("tflite_"):
         from resmobile_jax.export.tflite import TFLiteRunner, to_tflite
 
         path = out / f"{name}_{fmt.split('_')[1]}.tflite"
-        # LiteRT has a native depthwise kernel; the shifted-slices form is an XLA:CPU training trick (3x slower here)
-        _write(path, to_tflite(embedding_function(float32_copy(model, "xla")), input_hw, fmt.split("_")[1]))
+        _write(path, to_tflite(tflite_fn, input_hw, fmt.split("_")[1]))
         return path, TFLiteRunner(path)
     if fmt == "onnx":
         from resmobile_jax.export.onnx import OnnxRunner, missing_requirements, to_onnx
@@ -86,11 +85,13 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
         raise ExportError(f"unknown export format(s) {', '.join(unknown)}; expected some of {', '.join(FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
     runners, results = {}, {}
+    # LiteRT has a native depthwise kernel; the shifted-slices form is an XLA:CPU training trick (3x slower there)
+    tflite_fn = embedding_function(float32_copy(model, "xla")) if any(f.startswith("tflite_") for f in formats) else None
     for fmt in formats:
         if progress:
             print(f"exporting {fmt} ...", flush=True)
         started = time.perf_counter()
-        path, runners[fmt] = export_format(model, fmt, input_hw, out)
+        path, runners[fmt] = export_format(model, fmt, input_hw, out, tflite_fn)
         results[fmt] = {"file": path.name, "size_mb": path.stat().st_size / 1e6,
                         "export_seconds": round(time.perf_counter() - started, 1), "runtime": runners[fmt].runtime}
 

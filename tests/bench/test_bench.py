@@ -72,3 +72,15 @@ def test_bench_command_end_to_end(tmp_path):
     assert f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:.1f}" in md or \
         f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:,.0f}" in md
     assert "2,000 x 512 gallery" in md and data["environment"]["jax"] in md
+
+
+def test_depthwise_gradient_rewrites_equal_autodiff():
+    """The rewrites the depthwise-gradient benchmark times compute autodiff's gradient (stride 1 and 2, k 3 and 5)."""
+    from resmobile_jax.bench.depthwise_grad import REWRITES, format_table, measure
+
+    records = measure(2, layers=((9, 8, 3, 1), (8, 4, 5, 2)), budget_seconds=0.05)
+    for r in records:
+        for name in REWRITES:
+            assert r[f"{name}_rel_err"] < 1e-5, (r["layer"], name)
+            assert r[f"{name}_ms"] > 0
+    assert format_table(records).count("\n") == 3

@@ -27,7 +27,9 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.model.embedding_dim = 512
     c.model.input_size = 32 if cpu else 224  # int (square) or (height, width); Fashion-MNIST is 28x28
     c.model.v2_output_stride = 32  # 32: V2 block 2 at stride 1, like V1; 64: keep MobileNetV3's stride 2
-    c.model.depthwise_impl = "auto"  # "auto" (shifted on CPU, xla elsewhere) | "xla" | "shifted"
+    # "auto": xla on GPU/TPU; on CPU cpu_kernel (float32, one device) else shifted | "xla" | "shifted" | "cpu_kernel"
+    c.model.depthwise_impl = "auto"
+    c.model.pointwise_impl = "matmul"  # 1x1 convs as matmuls (faster gradients on XLA:CPU) | "conv"
     c.model.dtype = "float32" if cpu else "bfloat16"  # compute dtype; params stay param_dtype
     c.model.param_dtype = "float32"
 

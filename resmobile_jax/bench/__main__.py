@@ -20,6 +20,8 @@ from pathlib import Path
 
 from absl import app, flags
 
+from resmobile_jax.models.layers import DEPTHWISE_IMPLS
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("variants", ["v1", "v2"], "model variants")
 flags.DEFINE_list("sizes", ["64", "224"], "square input sizes")
@@ -28,7 +30,7 @@ flags.DEFINE_integer("train_batch", 32, "batch size of the train-step measuremen
 flags.DEFINE_float("budget", 8.0, "seconds of repeated calls per timed measurement (after warm-up)")
 flags.DEFINE_string("dtype", "", "compute dtype of both frameworks: float32 | bfloat16 (default: float32 on CPU, "
                     "bfloat16 on accelerators, where PyTorch runs under autocast)")
-flags.DEFINE_enum("depthwise_impl", "auto", ["auto", "xla", "shifted"], "the JAX model's depthwise convolution")
+flags.DEFINE_enum("depthwise_impl", "auto", list(DEPTHWISE_IMPLS), "the JAX model's depthwise convolution")
 flags.DEFINE_bool("torch_compile", False, "also time torch.compile'd PyTorch (compiles take minutes on a small CPU)")
 flags.DEFINE_bool("pipeline", True, "measure the input pipeline and the train step at the default run's settings")
 flags.DEFINE_integer("knn_gallery", 100_000, "gallery size of the kNN measurement (0: skip)")

@@ -8,6 +8,7 @@ import sys
 
 from resmobile_jax.cli import parse_size
 from resmobile_jax.convert.checkpoint_io import CheckpointError
+from resmobile_jax.models.layers import DEPTHWISE_IMPLS
 
 
 def cmd_to_flax(args) -> int:
@@ -107,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--checkpoint", default=None, help="a torchvision-style checkpoint (default: random weights and BN stats)")
     c.add_argument("--image-size", default="224", help="H or HxW (default 224)")
     c.add_argument("--batch", type=int, default=2)
-    c.add_argument("--depthwise-impl", choices=("auto", "xla", "shifted"), default="auto")
+    c.add_argument("--depthwise-impl", choices=DEPTHWISE_IMPLS, default="auto")
     c.add_argument("--json", action="store_true")
     c.set_defaults(fn=cmd_check)
     return p

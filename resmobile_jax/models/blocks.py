@@ -14,6 +14,7 @@ from resmobile_jax.models.layers import (
     ConvBNAct,
     DepthwiseImpl,
     Linear,
+    PointwiseImpl,
     conv_init,
     global_avg_pool,
     hard_sigmoid,
@@ -45,12 +46,13 @@ class InvertedResidual(nnx.Module):
         spec: InvertedResidualSpec,
         *,
         depthwise_impl: DepthwiseImpl = "auto",
+        pointwise_impl: PointwiseImpl = "matmul",
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
         act = "hardswish" if spec.activation == "HS" else "relu"
-        kw = dict(bn=MOBILENET_BN, dtype=dtype, param_dtype=param_dtype, rng=rng)
+        kw = dict(bn=MOBILENET_BN, pointwise_impl=pointwise_impl, dtype=dtype, param_dtype=param_dtype, rng=rng)
         self.spec = spec
         self.use_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
         # torchvision adds the expand conv only when it changes the width (V2's block 1 gains one: 64 -> 16).
@@ -80,10 +82,13 @@ class Bottleneck(nnx.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, *, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+    def __init__(
+        self, inplanes: int, planes: int, *, pointwise_impl: PointwiseImpl = "matmul", dtype=None,
+        param_dtype=jnp.float32, rng: np.random.Generator,
+    ):
         if inplanes != planes * self.expansion:
             raise ValueError(f"Bottleneck without downsample needs inplanes == 4 * planes, got {inplanes} and {planes}")
-        kw = dict(bn=RESNET_BN, dtype=dtype, param_dtype=param_dtype, rng=rng)
+        kw = dict(bn=RESNET_BN, pointwise_impl=pointwise_impl, dtype=dtype, param_dtype=param_dtype, rng=rng)
         self.conv_bn1 = ConvBNAct(inplanes, planes, 1, activation="relu", **kw)
         self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", **kw)
         self.conv_bn3 = ConvBNAct(planes, inplanes, 1, activation="identity", **kw)

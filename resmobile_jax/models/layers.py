@@ -16,8 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from resmobile_jax.models.kernels import depthwise_cpu
+
 Array = jax.Array
-DepthwiseImpl = Literal["auto", "xla", "shifted"]
+DepthwiseImpl = Literal["auto", "xla", "shifted", "cpu_kernel"]
+DEPTHWISE_IMPLS = ("auto", "xla", "shifted", "cpu_kernel")
+PointwiseImpl = Literal["matmul", "conv"]
+POINTWISE_IMPLS = ("matmul", "conv")
 
 # Initial weights are drawn on the host with NumPy from one seeded Generator (`rng` in every constructor).
 # XLA:CPU spends ~0.3 s compiling each jax.random draw, 30 s for this model's ~200 tensors; NumPy takes 30 ms.
@@ -70,10 +75,15 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-def default_depthwise_impl() -> str:
-    """XLA:CPU's grouped convolution is 3-5x slower than shifted multiply-adds (DESIGN.md §6); GPUs/TPUs have
-    fast native depthwise kernels."""
-    return "shifted" if jax.default_backend() == "cpu" else "xla"
+def default_depthwise_impl(dtype=jnp.float32) -> str:
+    """GPUs/TPUs have fast native depthwise kernels ("xla"). On CPU, the hand-written kernel ("cpu_kernel", float32,
+    one device: XLA's partitioner would gather a batch sharded over several CPU devices onto each), else "shifted":
+    XLA:CPU's grouped convolution is 3-5x slower than shifted multiply-adds (DESIGN.md §6)."""
+    if jax.default_backend() != "cpu":
+        return "xla"
+    if jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1 and depthwise_cpu.available():
+        return "cpu_kernel"
+    return "shifted"
 
 
 def _max_pool_window(x: Array) -> Array:
@@ -236,13 +246,19 @@ class Conv(nnx.Module):
         stride: int = 1,
         padding: int | None = None,
         use_bias: bool = False,
+        pointwise_impl: PointwiseImpl = "matmul",
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
+        if pointwise_impl not in POINTWISE_IMPLS:
+            raise ValueError(f"pointwise_impl must be one of {', '.join(POINTWISE_IMPLS)}, got {pointwise_impl!r}")
         self.stride = stride
         self.padding = same_padding(kernel_size) if padding is None else padding
         self.dtype = dtype
+        # 1x1 convs as (N*H*W, Cin) x (Cin, Cout) matmuls: XLA:CPU runs their kernel gradient 4-25x faster that way
+        # (bench.breakdown); "conv" keeps conv_general_dilated.
+        self.pointwise_matmul = kernel_size == 1 and self.padding == 0 and pointwise_impl == "matmul"
         # Few input channels and a large kernel (the V2 stem): patch-matmul kernel gradient, see conv_im2col_weight_grad.
         self.im2col_weight_grad = in_channels <= 4 and kernel_size >= 5
         self.kernel = nnx.Param(conv_init(rng, (kernel_size, kernel_size, in_channels, out_channels), param_dtype))
@@ -250,11 +266,22 @@ class Conv(nnx.Module):
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
-        conv = conv_im2col_weight_grad if self.im2col_weight_grad else _conv
-        y = conv(x.astype(dtype), self.kernel[...].astype(dtype), self.stride, self.padding)
+        x, w = x.astype(dtype), self.kernel[...].astype(dtype)
+        if self.pointwise_matmul:
+            y = pointwise_matmul(x, w, self.stride)
+        else:
+            conv = conv_im2col_weight_grad if self.im2col_weight_grad else _conv
+            y = conv(x, w, self.stride, self.padding)
         if self.bias is not None:
             y = y + self.bias[...].astype(dtype)
         return y
+
+
+def pointwise_matmul(x: Array, w: Array, stride: int) -> Array:
+    """A 1x1 convolution without padding (kernel (1, 1, Cin, Cout)) as one matmul; stride s keeps every s-th pixel."""
+    x = x[:, ::stride, ::stride, :] if stride > 1 else x
+    n, h, wd, c = x.shape
+    return (x.reshape(n * h * wd, c) @ w.reshape(c, w.shape[-1])).reshape(n, h, wd, w.shape[-1])
 
 
 class DepthwiseConv(nnx.Module):
@@ -263,8 +290,10 @@ class DepthwiseConv(nnx.Module):
     Two implementations that compute the same function:
     - "xla": `conv_general_dilated(feature_group_count=C)`, fastest where XLA has a native depthwise kernel (GPU/TPU);
     - "shifted": a sum of k*k strided slices times per-channel weights, which XLA:CPU fuses into one loop and runs
-      3-5x faster than its grouped convolution.
-    "auto" picks per backend at trace time.
+      3-5x faster than its grouped convolution (but its kernel gradient 10-30x slower than the forward pass);
+    - "cpu_kernel": hand-written XLA:CPU custom calls for all three passes (kernels/depthwise_cpu.cc, float32),
+      17-25x faster than "shifted" for the kernel gradient.
+    "auto" picks per backend, dtype and device count at trace time (default_depthwise_impl).
     """
 
     def __init__(
@@ -278,8 +307,10 @@ class DepthwiseConv(nnx.Module):
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
-        if impl not in ("auto", "xla", "shifted"):
-            raise ValueError(f"depthwise_impl must be 'auto', 'xla' or 'shifted', got {impl!r}")
+        if impl not in DEPTHWISE_IMPLS:
+            raise ValueError(f"depthwise_impl must be one of {', '.join(DEPTHWISE_IMPLS)}, got {impl!r}")
+        if impl == "cpu_kernel":
+            depthwise_cpu.require()
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = same_padding(kernel_size)
@@ -290,12 +321,16 @@ class DepthwiseConv(nnx.Module):
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
         x, w = x.astype(dtype), self.kernel[...].astype(dtype)
-        impl = default_depthwise_impl() if self.impl == "auto" else self.impl
+        impl = default_depthwise_impl(dtype) if self.impl == "auto" else self.impl
         return depthwise_conv(x, w, self.stride, self.padding, impl)
 
 
 def depthwise_conv(x: Array, w: Array, stride: int, padding: int, impl: str) -> Array:
     p, s = padding, stride
+    if impl == "cpu_kernel":
+        if x.dtype != jnp.float32:
+            raise ValueError(f"depthwise_impl='cpu_kernel' computes in float32, got {x.dtype}; use 'auto' or 'shifted'")
+        return depthwise_cpu.depthwise_conv(x, w, s, p)
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
@@ -327,6 +362,7 @@ class ConvBNAct(nnx.Module):
         activation: str = "relu",
         bn: dict = MOBILENET_BN,
         depthwise_impl: DepthwiseImpl = "auto",
+        pointwise_impl: PointwiseImpl = "matmul",
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
@@ -338,7 +374,8 @@ class ConvBNAct(nnx.Module):
             )
         else:
             self.conv = Conv(
-                in_channels, out_channels, kernel_size, stride=stride, dtype=dtype, param_dtype=param_dtype, rng=rng
+                in_channels, out_channels, kernel_size, stride=stride, pointwise_impl=pointwise_impl, dtype=dtype,
+                param_dtype=param_dtype, rng=rng,
             )
         self.bn = BatchNorm(out_channels, dtype=dtype, param_dtype=param_dtype, **bn)
         self.activation = activation

@@ -40,6 +40,7 @@ class ResMobileNet(nnx.Module):
         embedding_dim: int = 512,
         v2_output_stride: int = 32,
         depthwise_impl: str = "auto",
+        pointwise_impl: str = "matmul",
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rng: np.random.Generator | int = 0,
@@ -56,9 +57,12 @@ class ResMobileNet(nnx.Module):
         kw = dict(dtype=self.dtype, param_dtype=param_dtype, rng=rng)
         self.stem = (MobileNetStem if variant == "v1" else ResNetStem)(**kw)
         self.mid = nnx.List(
-            [InvertedResidual(spec, depthwise_impl=depthwise_impl, **kw) for spec in mid_block_specs(variant, v2_output_stride)]
+            [InvertedResidual(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl, **kw)
+             for spec in mid_block_specs(variant, v2_output_stride)]
         )
-        self.tail = nnx.List([Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, **kw) for _ in range(NUM_BOTTLENECKS)])
+        self.tail = nnx.List(
+            [Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, pointwise_impl=pointwise_impl, **kw) for _ in range(NUM_BOTTLENECKS)]
+        )
         self.head = EmbeddingHead(TAIL_CHANNELS, embedding_dim, **kw)
 
     def check_input(self, images: jax.Array) -> None:
@@ -119,6 +123,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         embedding_dim=int(model_config["embedding_dim"]),
         v2_output_stride=int(model_config.get("v2_output_stride", 32)),
         depthwise_impl=model_config.get("depthwise_impl", "auto"),
+        pointwise_impl=model_config.get("pointwise_impl", "matmul"),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),
     )

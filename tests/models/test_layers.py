@@ -15,7 +15,7 @@ def test_make_divisible_matches_torchvision(value):
 
 
 @pytest.mark.parametrize("kernel,stride,size", [(3, 1, (9, 7)), (3, 2, (9, 8)), (5, 1, (8, 8)), (5, 2, (11, 6)), (3, 2, (2, 3))])
-@pytest.mark.parametrize("impl", ["xla", "shifted"])
+@pytest.mark.parametrize("impl", ["xla", "shifted", "cpu_kernel"])
 def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, size, impl, rng):
     c = 6
     x = rng.standard_normal((2, c, *size)).astype(np.float32)
@@ -25,15 +25,66 @@ def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, size, impl, r
     np.testing.assert_allclose(np.asarray(out), ref.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
 
 
-def test_depthwise_impls_agree_and_auto_picks_shifted_on_cpu(rng):
-    x = jnp.asarray(rng.standard_normal((1, 17, 13, 8)), jnp.float32)
-    w = jnp.asarray(rng.standard_normal((5, 5, 1, 8)), jnp.float32)
-    a = layers.depthwise_conv(x, w, 2, 2, "xla")
-    b = layers.depthwise_conv(x, w, 2, 2, "shifted")
-    assert np.max(np.abs(np.asarray(a) - np.asarray(b))) < 1e-5
-    assert layers.default_depthwise_impl() == "shifted"  # the test machine is a CPU
+@pytest.mark.parametrize("kernel,stride,size", [(3, 1, (9, 7)), (3, 2, (9, 8)), (5, 1, (8, 8)), (5, 2, (11, 6)), (3, 2, (2, 3))])
+@pytest.mark.parametrize("impl", ["xla", "shifted", "cpu_kernel"])
+def test_depthwise_conv_gradients_match_torch_autograd(kernel, stride, size, impl, rng):
+    """Input and kernel gradients of every implementation (cpu_kernel's are hand-written C++) against torch."""
+    import jax
+
+    c = 16  # more than one SIMD vector of channels
+    x = rng.standard_normal((3, *size, c)).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, 1, c)).astype(np.float32)
+    y, pullback = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, stride, kernel // 2, impl), jnp.asarray(x), jnp.asarray(w))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = jax.jit(pullback)(jnp.asarray(g))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=kernel // 2, groups=c)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), atol=1e-4, rtol=1e-5)
+
+
+def test_auto_depthwise_impl_on_this_cpu():
+    """The test machine is a 1-device CPU with a C++ compiler: float32 gets the hand-written kernel, other dtypes
+    the shifted form; unknown names and cpu_kernel in bfloat16 are refused by name."""
+    assert layers.default_depthwise_impl(jnp.float32) == "cpu_kernel"
+    assert layers.default_depthwise_impl(jnp.bfloat16) == "shifted"
+    x = jnp.ones((1, 8, 8, 4), jnp.bfloat16)
+    assert layers.DepthwiseConv(4, 3, rng=np.random.default_rng(0), dtype=jnp.bfloat16)(x).dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="depthwise_impl"):
         layers.DepthwiseConv(4, 3, impl="fast", rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="cpu_kernel.*float32.*bfloat16"):
+        layers.DepthwiseConv(4, 3, impl="cpu_kernel", rng=np.random.default_rng(0))(x)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("impl", ["matmul", "conv"])
+def test_pointwise_conv_and_gradients_match_torch(stride, impl, rng):
+    import jax
+
+    conv = layers.Conv(12, 20, 1, stride=stride, pointwise_impl=impl, rng=np.random.default_rng(0))
+    assert conv.pointwise_matmul == (impl == "matmul")
+    x = rng.standard_normal((2, 9, 6, 12)).astype(np.float32)
+    w = np.asarray(conv.kernel[...])
+
+    def f(x, w):
+        return layers.pointwise_matmul(x, w, stride) if impl == "matmul" else layers._conv(x, w, stride, 0)
+
+    np.testing.assert_array_equal(np.asarray(conv(jnp.asarray(x))), np.asarray(f(jnp.asarray(x), jnp.asarray(w))))
+    y, pullback = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = pullback(jnp.asarray(g))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="pointwise_impl"):
+        layers.Conv(4, 4, 1, pointwise_impl="gemm", rng=np.random.default_rng(0))
 
 
 def test_max_pool_pads_with_minus_infinity(rng):

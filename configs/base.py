@@ -30,6 +30,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     # "auto": xla on GPU/TPU; on CPU cpu_kernel (float32, one device) else shifted | "xla" | "shifted" | "cpu_kernel"
     c.model.depthwise_impl = "auto"
     c.model.pointwise_impl = "matmul"  # 1x1 convs as matmuls (faster gradients on XLA:CPU) | "conv"
+    c.model.stem_conv_impl = "auto"  # "auto": cpu_kernel where depthwise gets it, else xla | "xla" | "cpu_kernel"
     c.model.dtype = "float32" if cpu else "bfloat16"  # compute dtype; params stay param_dtype
     c.model.param_dtype = "float32"
 

@@ -23,7 +23,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("variant", "v2", "v1 | v2")
 flags.DEFINE_integer("size", 224, "square input size")
 flags.DEFINE_integer("batch", 32, "batch size")
-flags.DEFINE_list("impls", ["shifted", "xla"], "JAX depthwise implementations to compare")
+flags.DEFINE_list("impls", ["auto", "shifted"], "JAX depthwise implementations to compare (auto: what training uses)")
 flags.DEFINE_float("budget", 3.0, "seconds of repeated calls per measurement")
 flags.DEFINE_string("trace_dir", "", "also write a jax.profiler trace of 3 train steps here")
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from resmobile_jax.models.kernels import depthwise_cpu
+from resmobile_jax.models.kernels import cpu_kernels
 from resmobile_jax.models.layers import depthwise_conv
 from resmobile_jax.timing import time_jitted
 
@@ -64,9 +64,9 @@ def stacked_minor(x, g, k, s, p):
 
 
 def cpu_kernel(x, g, k, s, p):
-    """The hand-written XLA:CPU kernel (models/kernels/depthwise_cpu.cc), through its custom VJP."""
+    """The hand-written XLA:CPU kernel (models/kernels/cpu_kernels.cc), through its custom VJP."""
     w = jnp.zeros((k, k, 1, x.shape[-1]), x.dtype)
-    return jax.vjp(lambda w: depthwise_cpu.depthwise_conv(x, w, s, p), w)[1](g)[0]
+    return jax.vjp(lambda w: cpu_kernels.depthwise_conv(x, w, s, p), w)[1](g)[0]
 
 
 REWRITES = {"channel-major": channel_major, "two-stage": two_stage, "stacked minor": stacked_minor,
@@ -74,7 +74,7 @@ REWRITES = {"channel-major": channel_major, "two-stage": two_stage, "stacked min
 
 
 def measure(batch: int, layers=LAYERS, budget_seconds: float = 2.0) -> list[dict]:
-    depthwise_cpu.require()
+    cpu_kernels.require()
     rng = np.random.default_rng(0)
     records = []
     for h, c, k, s in layers:

@@ -16,13 +16,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resmobile_jax.models.kernels import depthwise_cpu
+from resmobile_jax.models.kernels import cpu_kernels
 
 Array = jax.Array
 DepthwiseImpl = Literal["auto", "xla", "shifted", "cpu_kernel"]
 DEPTHWISE_IMPLS = ("auto", "xla", "shifted", "cpu_kernel")
 PointwiseImpl = Literal["matmul", "conv"]
 POINTWISE_IMPLS = ("matmul", "conv")
+StemConvImpl = Literal["auto", "xla", "cpu_kernel"]
+STEM_CONV_IMPLS = ("auto", "xla", "cpu_kernel")
 
 # Initial weights are drawn on the host with NumPy from one seeded Generator (`rng` in every constructor).
 # XLA:CPU spends ~0.3 s compiling each jax.random draw, 30 s for this model's ~200 tensors; NumPy takes 30 ms.
@@ -75,15 +77,24 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
+def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def cpu_kernels_apply(dtype) -> bool:
+    """Where "auto" uses the hand-written XLA:CPU kernels (models/kernels): float32 on a one-device CPU. With the
+    batch sharded over several CPU devices XLA's partitioner would gather it onto each device around a custom call."""
+    return (jax.default_backend() == "cpu" and jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1
+            and cpu_kernels.available())
+
+
 def default_depthwise_impl(dtype=jnp.float32) -> str:
-    """GPUs/TPUs have fast native depthwise kernels ("xla"). On CPU, the hand-written kernel ("cpu_kernel", float32,
-    one device: XLA's partitioner would gather a batch sharded over several CPU devices onto each), else "shifted":
-    XLA:CPU's grouped convolution is 3-5x slower than shifted multiply-adds (DESIGN.md §6)."""
+    """GPUs/TPUs have fast native depthwise kernels ("xla"). On CPU the hand-written kernel where it applies, else
+    "shifted": XLA:CPU's grouped convolution is 3-5x slower than shifted multiply-adds (DESIGN.md §6)."""
     if jax.default_backend() != "cpu":
         return "xla"
-    if jnp.dtype(dtype) == jnp.float32 and jax.device_count() == 1 and depthwise_cpu.available():
-        return "cpu_kernel"
-    return "shifted"
+    return "cpu_kernel" if cpu_kernels_apply(dtype) else "shifted"
 
 
 def _max_pool_window(x: Array) -> Array:
@@ -247,19 +258,24 @@ class Conv(nnx.Module):
         padding: int | None = None,
         use_bias: bool = False,
         pointwise_impl: PointwiseImpl = "matmul",
+        stem_conv_impl: StemConvImpl = "auto",
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
-        if pointwise_impl not in POINTWISE_IMPLS:
-            raise ValueError(f"pointwise_impl must be one of {', '.join(POINTWISE_IMPLS)}, got {pointwise_impl!r}")
+        check_choice("pointwise_impl", pointwise_impl, POINTWISE_IMPLS)
+        check_choice("stem_conv_impl", stem_conv_impl, STEM_CONV_IMPLS)
+        if stem_conv_impl == "cpu_kernel":
+            cpu_kernels.require()
         self.stride = stride
         self.padding = same_padding(kernel_size) if padding is None else padding
         self.dtype = dtype
         # 1x1 convs as (N*H*W, Cin) x (Cin, Cout) matmuls: XLA:CPU runs their kernel gradient 4-25x faster that way
         # (bench.breakdown); "conv" keeps conv_general_dilated.
         self.pointwise_matmul = kernel_size == 1 and self.padding == 0 and pointwise_impl == "matmul"
-        # Few input channels and a large kernel (the V2 stem): patch-matmul kernel gradient, see conv_im2col_weight_grad.
+        # Few input channels (the stems): the hand-written XLA:CPU kernel where it applies ("auto") or is asked for;
+        # otherwise, with a large kernel (V2's 7x7), XLA's conv with a patch-matmul kernel gradient.
+        self.stem_conv_impl = stem_conv_impl if in_channels <= 4 else "xla"
         self.im2col_weight_grad = in_channels <= 4 and kernel_size >= 5
         self.kernel = nnx.Param(conv_init(rng, (kernel_size, kernel_size, in_channels, out_channels), param_dtype))
         self.bias = nnx.Param(jnp.asarray(np.zeros((out_channels,)), param_dtype)) if use_bias else None
@@ -267,8 +283,13 @@ class Conv(nnx.Module):
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
         x, w = x.astype(dtype), self.kernel[...].astype(dtype)
+        stem_kernel = self.stem_conv_impl == "cpu_kernel" or (self.stem_conv_impl == "auto" and cpu_kernels_apply(dtype))
         if self.pointwise_matmul:
             y = pointwise_matmul(x, w, self.stride)
+        elif stem_kernel:
+            if dtype != jnp.float32:
+                raise ValueError(f"stem_conv_impl='cpu_kernel' computes in float32, got {dtype}; use 'auto' or 'xla'")
+            y = cpu_kernels.dense_conv(x, w, self.stride, self.padding)
         else:
             conv = conv_im2col_weight_grad if self.im2col_weight_grad else _conv
             y = conv(x, w, self.stride, self.padding)
@@ -291,7 +312,7 @@ class DepthwiseConv(nnx.Module):
     - "xla": `conv_general_dilated(feature_group_count=C)`, fastest where XLA has a native depthwise kernel (GPU/TPU);
     - "shifted": a sum of k*k strided slices times per-channel weights, which XLA:CPU fuses into one loop and runs
       3-5x faster than its grouped convolution (but its kernel gradient 10-30x slower than the forward pass);
-    - "cpu_kernel": hand-written XLA:CPU custom calls for all three passes (kernels/depthwise_cpu.cc, float32),
+    - "cpu_kernel": hand-written XLA:CPU custom calls for all three passes (kernels/cpu_kernels.cc, float32),
       17-25x faster than "shifted" for the kernel gradient.
     "auto" picks per backend, dtype and device count at trace time (default_depthwise_impl).
     """
@@ -307,10 +328,9 @@ class DepthwiseConv(nnx.Module):
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
-        if impl not in DEPTHWISE_IMPLS:
-            raise ValueError(f"depthwise_impl must be one of {', '.join(DEPTHWISE_IMPLS)}, got {impl!r}")
+        check_choice("depthwise_impl", impl, DEPTHWISE_IMPLS)
         if impl == "cpu_kernel":
-            depthwise_cpu.require()
+            cpu_kernels.require()
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = same_padding(kernel_size)
@@ -330,7 +350,7 @@ def depthwise_conv(x: Array, w: Array, stride: int, padding: int, impl: str) -> 
     if impl == "cpu_kernel":
         if x.dtype != jnp.float32:
             raise ValueError(f"depthwise_impl='cpu_kernel' computes in float32, got {x.dtype}; use 'auto' or 'shifted'")
-        return depthwise_cpu.depthwise_conv(x, w, s, p)
+        return cpu_kernels.depthwise_conv(x, w, s, p)
     if impl == "xla":
         return jax.lax.conv_general_dilated(
             x, w, (s, s), ((p, p), (p, p)), dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=x.shape[-1]
@@ -363,6 +383,7 @@ class ConvBNAct(nnx.Module):
         bn: dict = MOBILENET_BN,
         depthwise_impl: DepthwiseImpl = "auto",
         pointwise_impl: PointwiseImpl = "matmul",
+        stem_conv_impl: StemConvImpl = "auto",
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
@@ -374,8 +395,8 @@ class ConvBNAct(nnx.Module):
             )
         else:
             self.conv = Conv(
-                in_channels, out_channels, kernel_size, stride=stride, pointwise_impl=pointwise_impl, dtype=dtype,
-                param_dtype=param_dtype, rng=rng,
+                in_channels, out_channels, kernel_size, stride=stride, pointwise_impl=pointwise_impl,
+                stem_conv_impl=stem_conv_impl, dtype=dtype, param_dtype=param_dtype, rng=rng,
             )
         self.bn = BatchNorm(out_channels, dtype=dtype, param_dtype=param_dtype, **bn)
         self.activation = activation

@@ -41,6 +41,7 @@ class ResMobileNet(nnx.Module):
         v2_output_stride: int = 32,
         depthwise_impl: str = "auto",
         pointwise_impl: str = "matmul",
+        stem_conv_impl: str = "auto",
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rng: np.random.Generator | int = 0,
@@ -55,7 +56,7 @@ class ResMobileNet(nnx.Module):
         self.output_stride = output_stride(variant, v2_output_stride)
         self.dtype = jnp.dtype(dtype)
         kw = dict(dtype=self.dtype, param_dtype=param_dtype, rng=rng)
-        self.stem = (MobileNetStem if variant == "v1" else ResNetStem)(**kw)
+        self.stem = (MobileNetStem if variant == "v1" else ResNetStem)(conv_impl=stem_conv_impl, **kw)
         self.mid = nnx.List(
             [InvertedResidual(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl, **kw)
              for spec in mid_block_specs(variant, v2_output_stride)]
@@ -124,6 +125,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         v2_output_stride=int(model_config.get("v2_output_stride", 32)),
         depthwise_impl=model_config.get("depthwise_impl", "auto"),
         pointwise_impl=model_config.get("pointwise_impl", "matmul"),
+        stem_conv_impl=model_config.get("stem_conv_impl", "auto"),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),
     )

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resmobile_jax.models.layers import MOBILENET_BN, RESNET_BN, ConvBNAct, max_pool_3x3_s2
+from resmobile_jax.models.layers import MOBILENET_BN, RESNET_BN, ConvBNAct, StemConvImpl, max_pool_3x3_s2
 
 
 class MobileNetStem(nnx.Module):
@@ -15,9 +15,10 @@ class MobileNetStem(nnx.Module):
     out_channels = 16
     stride = 2
 
-    def __init__(self, *, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+    def __init__(self, *, conv_impl: StemConvImpl = "auto", dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
         self.conv_bn_act = ConvBNAct(
-            3, 16, 3, stride=2, activation="hardswish", bn=MOBILENET_BN, dtype=dtype, param_dtype=param_dtype, rng=rng
+            3, 16, 3, stride=2, activation="hardswish", bn=MOBILENET_BN, stem_conv_impl=conv_impl, dtype=dtype,
+            param_dtype=param_dtype, rng=rng,
         )
 
     def __call__(self, x):
@@ -30,9 +31,10 @@ class ResNetStem(nnx.Module):
     out_channels = 64
     stride = 4
 
-    def __init__(self, *, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+    def __init__(self, *, conv_impl: StemConvImpl = "auto", dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
         self.conv_bn_act = ConvBNAct(
-            3, 64, 7, stride=2, activation="relu", bn=RESNET_BN, dtype=dtype, param_dtype=param_dtype, rng=rng
+            3, 64, 7, stride=2, activation="relu", bn=RESNET_BN, stem_conv_impl=conv_impl, dtype=dtype,
+            param_dtype=param_dtype, rng=rng,
         )
 
     def __call__(self, x):

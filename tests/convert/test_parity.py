@@ -32,9 +32,9 @@ def test_depthwise_implementations_agree_on_the_whole_network(variant, output_st
     sd = {k: v.numpy() for k, v in ref.state_dict().items()}
     images = np.random.default_rng(0).standard_normal((2, 3, 96, 64)).astype(np.float32)
     diffs = {}
-    for impl, pointwise in (("xla", "conv"), ("shifted", "matmul"), ("cpu_kernel", "matmul")):
+    for impl, pointwise, stem in (("xla", "conv", "xla"), ("shifted", "matmul", "xla"), ("cpu_kernel", "matmul", "cpu_kernel")):
         model = build_model(dict(variant=variant, embedding_dim=64, v2_output_stride=output_stride, depthwise_impl=impl,
-                                 pointwise_impl=pointwise))
+                                 pointwise_impl=pointwise, stem_conv_impl=stem))
         torch_to_flax(sd, model)
         diffs[impl] = stage_diffs(ref, model, images)
         assert all(s["ok"] for s in diffs[impl].values()), diffs[impl]
@@ -43,8 +43,8 @@ def test_depthwise_implementations_agree_on_the_whole_network(variant, output_st
 
 @pytest.mark.parametrize("variant,output_stride,size", [("v1", 32, 64), ("v2", 32, 64), ("v2", 64, 128)])
 def test_train_mode_gradients_match_torch_autograd(variant, output_stride, size):
-    """The whole training path with the default implementations (on this CPU: the C++ depthwise kernel, 1x1 convs as
-    matmuls, the hand-written max-pool and stem-conv gradients): every parameter's gradient, in train mode, is as
+    """The whole training path with the default implementations (on this CPU: the C++ depthwise and stem-conv
+    kernels, 1x1 convs as matmuls, the hand-written max-pool gradient): every parameter's gradient, in train mode, is as
     close to torch's float64 gradient as torch's own float32 gradient is (within 5x, measured up to 3x), so a wrong
     gradient anywhere fails while float32 rounding through batch statistics does not."""
     import copy

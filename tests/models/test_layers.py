@@ -7,6 +7,7 @@ import torch
 from torchvision.models._utils import _make_divisible
 
 from resmobile_jax.models import layers
+from resmobile_jax.models.kernels import cpu_kernels
 
 
 @pytest.mark.parametrize("value", [8, 15, 16, 17, 18, 20, 30, 60, 72 // 4, 120 // 4, 240 // 4, 480 // 4, 672 // 4, 960 // 4, 3.5, 100.0])
@@ -112,13 +113,38 @@ def test_max_pool_gradient_matches_torch_including_ties(hw, rng):
     np.testing.assert_allclose(np.asarray(pullback(jnp.asarray(g))[0]), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(7, 2, 32), (7, 2, 33), (5, 1, 12)])
-def test_stem_conv_gradients_match_torch(kernel, stride, size, rng):
-    """Convs with few input channels and large kernels take the patch-matmul kernel gradient; both gradients must
-    still be PyTorch's."""
+@pytest.mark.parametrize("kernel,stride,size,out_channels", [(3, 2, 17, 16), (7, 2, 19, 64), (3, 1, 9, 5), (5, 2, 10, 32)])
+def test_stem_conv_cpu_kernel_and_gradients_match_torch(kernel, stride, size, out_channels, rng):
+    """The hand-written few-input-channel conv (register-vector paths for 16/32/64 outputs, a plain loop otherwise):
+    output, input and kernel gradients against torch; the stems pick it on this CPU."""
     import jax
 
-    conv = layers.Conv(3, 8, kernel, stride=stride, rng=np.random.default_rng(0))
+    conv = layers.Conv(3, out_channels, kernel, stride=stride, rng=np.random.default_rng(0))
+    assert conv.stem_conv_impl == "auto" and layers.cpu_kernels_apply(jnp.float32)
+    x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
+    w = np.asarray(conv.kernel[...])
+    y, pullback = jax.vjp(lambda x, w: cpu_kernels.dense_conv(x, w, stride, kernel // 2), jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(conv(jnp.asarray(x))), np.asarray(y))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dx, dw = jax.jit(pullback)(jnp.asarray(g))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=kernel // 2)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="stem_conv_impl"):
+        layers.Conv(3, 8, 3, stem_conv_impl="onednn", rng=np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("kernel,stride,size", [(7, 2, 32), (7, 2, 33), (5, 1, 12)])
+def test_stem_conv_gradients_match_torch(kernel, stride, size, rng):
+    """Without the CPU kernel, convs with few input channels and large kernels take the patch-matmul kernel gradient;
+    both gradients must still be PyTorch's."""
+    import jax
+
+    conv = layers.Conv(3, 8, kernel, stride=stride, stem_conv_impl="xla", rng=np.random.default_rng(0))
     assert conv.im2col_weight_grad
     x = rng.standard_normal((2, size, size, 3)).astype(np.float32)
     w = np.asarray(conv.kernel[...])

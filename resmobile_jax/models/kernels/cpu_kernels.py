@@ -1,13 +1,16 @@
-"""A hand-written XLA:CPU depthwise convolution (forward, input and kernel gradients), built on first use.
+"""Hand-written XLA:CPU convolution kernels (custom calls), built on first use: the depthwise convolution (forward,
+input and kernel gradients) and the stems' few-input-channel dense convolution (forward and kernel gradient).
 
 XLA:CPU spends 10-30x the forward pass on a depthwise convolution's kernel gradient whatever form it is written in
-(`python -m resmobile_jax.bench.depthwise_grad`), which made JAX training ~3.5x slower than PyTorch at 224 px.
-`depthwise_cpu.cc` does each of the three passes as one loop nest with channels innermost, on XLA's own thread pool.
+(`python -m resmobile_jax.bench.depthwise_grad`), which made JAX training ~3.5x slower than PyTorch at 224 px, and
+runs the 3-input-channel stem convolutions 2-8x slower than PyTorch. `cpu_kernels.cc` does each pass as one loop
+nest with channels innermost, on XLA's own thread pool.
 
 The C++ file is compiled once per machine with the system C++ compiler (`$CXX`, default `g++`) against the XLA FFI
 headers that ship with jaxlib, and cached under `$RESMOBILE_KERNEL_CACHE` (default `~/.cache/resmobile_jax/kernels`),
-keyed by the source, jaxlib version and CPU. Without a compiler the model falls back to the pure-JAX "shifted" form
-(`DepthwiseConv`'s "auto"); asking for "cpu_kernel" explicitly then fails with the compiler's message.
+keyed by the source, jaxlib version and CPU. Without a compiler the model falls back to pure JAX ("auto" in
+`model.depthwise_impl` / `model.stem_conv_impl`), with a warning; asking for "cpu_kernel" explicitly then fails with the
+compiler's message.
 """
 
 from __future__ import annotations
@@ -27,11 +30,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-SOURCE = Path(__file__).with_name("depthwise_cpu.cc")
+SOURCE = Path(__file__).with_name("cpu_kernels.cc")
 TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_depthwise_forward": "ResmobileDepthwiseForward",
     "resmobile_depthwise_input_grad": "ResmobileDepthwiseInputGrad",
     "resmobile_depthwise_kernel_grad": "ResmobileDepthwiseKernelGrad",
+    "resmobile_dense_conv_forward": "ResmobileDenseConvForward",
+    "resmobile_dense_conv_kernel_grad": "ResmobileDenseConvKernelGrad",
 }
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
 COMPILE_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
@@ -64,7 +69,7 @@ def library_path(compiler: str) -> Path:
     for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
                  _cpu_signature().encode()):
         key.update(part)
-    return cache_dir() / f"depthwise_cpu_{key.hexdigest()[:16]}.so"
+    return cache_dir() / f"cpu_kernels_{key.hexdigest()[:16]}.so"
 
 
 def build() -> Path:
@@ -92,11 +97,11 @@ def build() -> Path:
 def _load() -> str | None:
     """Build, load and register the FFI targets once per process; returns why not, or None on success."""
     if platform.system() not in ("Linux", "Darwin"):
-        return f"the CPU depthwise kernel is built for Linux/macOS, not {platform.system()}"
+        return f"the CPU kernels are built for Linux/macOS, not {platform.system()}"
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
     except (KernelUnavailable, OSError) as e:
-        logging.warning("CPU depthwise kernel unavailable, using the slower pure-JAX form: %s", e)
+        logging.warning("CPU convolution kernels unavailable, using the slower pure-JAX forms: %s", e)
         return str(e)
     for name, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
@@ -113,7 +118,7 @@ def available() -> bool:
 
 def require() -> None:
     if (reason := _load()) is not None:
-        raise KernelUnavailable(f"depthwise_impl='cpu_kernel' is not available: {reason}")
+        raise KernelUnavailable(f"the 'cpu_kernel' implementation is not available: {reason}")
 
 
 def _output_hw(x_shape, k: int, stride: int, padding: int) -> tuple[int, int]:
@@ -159,3 +164,40 @@ def _bwd(stride, padding, residuals, g):
 
 
 _depthwise_conv.defvjp(_fwd, _bwd)
+
+
+def dense_conv(x: jax.Array, w: jax.Array, stride: int, padding: int) -> jax.Array:
+    """Dense conv for few input channels (the stems), x (N, H, W, Cin) float32, w (K, K, Cin, Cout), on XLA:CPU.
+    The input gradient is XLA's (and dropped by XLA when x is the input images, as in training)."""
+    require()
+    return _dense_conv(x, w, stride, padding)
+
+
+def _dense_forward(x, w, stride, padding):
+    ho, wo = _output_hw(x.shape, w.shape[0], stride, padding)
+    return _call("resmobile_dense_conv_forward", (x.shape[0], ho, wo, w.shape[-1]), x, w, stride=stride, padding=padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense_conv(x, w, stride, padding):
+    return _dense_forward(x, w, stride, padding)
+
+
+def _dense_fwd(x, w, stride, padding):
+    return _dense_forward(x, w, stride, padding), (x, w)
+
+
+def _dense_bwd(stride, padding, residuals, g):
+    x, w = residuals
+    g = g.astype(jnp.float32)
+    dw = _call("resmobile_dense_conv_kernel_grad", w.shape, x, g, stride=stride, padding=padding)
+
+    def xla_conv(x):
+        p = ((padding, padding), (padding, padding))
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), p, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    dx = jax.vjp(xla_conv, x)[1](g)[0]
+    return dx, dw
+
+
+_dense_conv.defvjp(_dense_fwd, _dense_bwd)

@@ -1,13 +1,16 @@
-// Depthwise k x k convolution for XLA:CPU, NHWC float32, symmetric zero padding: forward, input gradient and
-// kernel gradient, registered as XLA FFI custom calls (resmobile_jax/models/kernels/depthwise_cpu.py builds and
-// loads this file).
+// Convolution kernels for XLA:CPU, NHWC float32, symmetric zero padding, registered as XLA FFI custom calls
+// (resmobile_jax/models/kernels/cpu_kernels.py builds and loads this file):
+// - depthwise k x k: forward, input gradient and kernel gradient. XLA:CPU runs the kernel gradient of a depthwise
+//   convolution (k*k reductions over N*H*W) 10-30x slower than the forward pass in every formulation tried
+//   (bench.depthwise_grad); here each pass is one loop nest with channels innermost, so the C loop vectorizes and
+//   the k*k*C accumulators stay in L1.
+// - dense convolution with few input channels (the stems: 3 -> 16 3x3, 3 -> 64 7x7): forward and kernel gradient,
+//   output channels innermost so every tap is one broadcast multiply-add into a register-resident output vector.
+//   XLA:CPU runs these 2-8x slower than PyTorch (oneDNN).
 //
-// Why: XLA:CPU runs the kernel gradient of a depthwise convolution (k*k reductions over N*H*W) 10-30x slower than
-// the forward pass, in every formulation tried (bench.depthwise_grad). Here each is one pass over the data with the
-// channel axis innermost, so the compiler vectorizes the C loop and the k*k*C accumulators stay in L1.
-//
-// Layouts: x (N, H, W, C), w (K, K, C) (the model's (K, K, 1, C) kernel, flattened), y (N, Ho, Wo, C),
-// Ho = (H + 2P - K) / S + 1. Tap (i, j) of output (r, q) reads input (r*S + i - P, q*S + j - P).
+// Layouts: x (N, H, W, C), depthwise w (K, K, C) (the model's (K, K, 1, C) kernel, flattened), dense w
+// (K, K, Cin, Cout), y (N, Ho, Wo, C), Ho = (H + 2P - K) / S + 1. Tap (i, j) of output (r, q) reads input
+// (r*S + i - P, q*S + j - P).
 
 #include <algorithm>
 #include <atomic>
@@ -191,6 +194,156 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   return ffi::Error::Success();
 }
 
+// Dense convolution, few input channels. y[b, r, q, :] = sum_{i, j, c} x[b, r*S+i-P, q*S+j-P, c] * w[i, j, c, :].
+// The output pixel's Cout values are accumulated in vector registers (GCC/Clang vector extensions: AVX on x86, NEON
+// on ARM) across all K*K*Cin taps when Cout is a multiple of 8 up to 64, the stems' 16 and 64; else a plain loop.
+typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned, may alias float
+
+template <int V>  // V = Cout / 8 vectors of accumulators
+void DenseForwardRowsVec(const Geometry& g, int64_t cin, const float* xd, const float* wd, float* yd, int64_t begin,
+                         int64_t end) {
+  const int64_t co = 8 * V;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.ho, r = row % g.ho;
+    for (int64_t q = 0; q < g.wo; ++q) {
+      Vec8 acc[V];
+      for (int t = 0; t < V; ++t) acc[t] = Vec8{};
+      for (int64_t i = 0; i < g.k; ++i) {
+        const int64_t hi = r * g.s + i - g.p;
+        if (hi < 0 || hi >= g.h) continue;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const int64_t wi = q * g.s + j - g.p;
+          if (wi < 0 || wi >= g.w) continue;
+          const float* xi = xd + ((b * g.h + hi) * g.w + wi) * cin;
+          const float* wij = wd + (i * g.k + j) * cin * co;
+          for (int64_t c = 0; c < cin; ++c) {
+            const float xv = xi[c];
+            const Vec8* wc = reinterpret_cast<const Vec8*>(wij + c * co);
+            for (int t = 0; t < V; ++t) acc[t] += xv * wc[t];
+          }
+        }
+      }
+      Vec8* out = reinterpret_cast<Vec8*>(yd + (row * g.wo + q) * co);
+      for (int t = 0; t < V; ++t) out[t] = acc[t];
+    }
+  }
+}
+
+void DenseForwardRows(const Geometry& g, int64_t cin, int64_t co, const float* xd, const float* wd, float* yd,
+                      int64_t begin, int64_t end) {
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.ho, r = row % g.ho;
+    for (int64_t q = 0; q < g.wo; ++q) {
+      float* out = yd + (row * g.wo + q) * co;
+      std::fill(out, out + co, 0.0f);
+      for (int64_t i = 0; i < g.k; ++i) {
+        const int64_t hi = r * g.s + i - g.p;
+        if (hi < 0 || hi >= g.h) continue;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const int64_t wi = q * g.s + j - g.p;
+          if (wi < 0 || wi >= g.w) continue;
+          const float* xi = xd + ((b * g.h + hi) * g.w + wi) * cin;
+          const float* wij = wd + (i * g.k + j) * cin * co;
+          for (int64_t c = 0; c < cin; ++c) {
+            const float xv = xi[c];
+            const float* wc = wij + c * co;
+            for (int64_t o = 0; o < co; ++o) out[o] += xv * wc[o];
+          }
+        }
+      }
+    }
+  }
+}
+
+ffi::Error DenseConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                            ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
+  Geometry g;
+  auto wdim = w.dimensions();
+  if (wdim.size() != 4) return ffi::Error::InvalidArgument("dense_conv: kernel must be (K, K, Cin, Cout)");
+  if (auto e = MakeGeometry(x, wdim[0], stride, padding, &g); e.failure()) return e;
+  const int64_t cin = wdim[2], co = wdim[3];
+  const float* xd = x.typed_data();
+  const float* wd = w.typed_data();
+  float* yd = y->typed_data();
+  ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    switch (co) {
+      case 16: DenseForwardRowsVec<2>(g, cin, xd, wd, yd, begin, end); break;
+      case 32: DenseForwardRowsVec<4>(g, cin, xd, wd, yd, begin, end); break;
+      case 64: DenseForwardRowsVec<8>(g, cin, xd, wd, yd, begin, end); break;
+      default: DenseForwardRows(g, cin, co, xd, wd, yd, begin, end);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// dw[i, j, c, :] = sum_{b, r, q} x[b, r*S+i-P, q*S+j-P, c] * dy[b, r, q, :], accumulated per chunk of output rows
+// (each chunk's own K*K*Cin*Cout accumulator, added in a fixed order at the end, as for the depthwise gradient).
+// V > 0: Cout = 8 * V, dy's pixel held in vector registers; V = 0: any Cout.
+template <int V>
+void DenseKernelGradRows(const Geometry& g, int64_t cin, int64_t co, const float* xd, const float* gd, float* total,
+                         int64_t begin, int64_t end) {
+  const int64_t size = g.k * g.k * cin * co;
+  std::vector<float> row_sum(size);
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.ho, r = row % g.ho;
+    std::fill(row_sum.begin(), row_sum.end(), 0.0f);
+    for (int64_t q = 0; q < g.wo; ++q) {
+      const float* gq = gd + (row * g.wo + q) * co;
+      Vec8 gv[V > 0 ? V : 1];
+      for (int t = 0; t < V; ++t) gv[t] = reinterpret_cast<const Vec8*>(gq)[t];
+      for (int64_t i = 0; i < g.k; ++i) {
+        const int64_t hi = r * g.s + i - g.p;
+        if (hi < 0 || hi >= g.h) continue;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const int64_t wi = q * g.s + j - g.p;
+          if (wi < 0 || wi >= g.w) continue;
+          const float* xi = xd + ((b * g.h + hi) * g.w + wi) * cin;
+          float* a = row_sum.data() + (i * g.k + j) * cin * co;
+          for (int64_t c = 0; c < cin; ++c) {
+            const float xv = xi[c];
+            if (V > 0) {
+              Vec8* ac = reinterpret_cast<Vec8*>(a + c * co);
+              for (int t = 0; t < V; ++t) ac[t] += xv * gv[t];
+            } else {
+              float* ac = a + c * co;
+              for (int64_t o = 0; o < co; ++o) ac[o] += xv * gq[o];
+            }
+          }
+        }
+      }
+    }
+    for (int64_t e = 0; e < size; ++e) total[e] += row_sum[e];
+  }
+}
+
+ffi::Error DenseConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t padding) {
+  Geometry g;
+  auto wdim = dw->dimensions();
+  if (auto e = MakeGeometry(x, wdim[0], stride, padding, &g); e.failure()) return e;
+  const int64_t cin = wdim[2], co = wdim[3], size = g.k * g.k * cin * co;
+  const float* xd = x.typed_data();
+  const float* gd = dy.typed_data();
+  const int64_t pieces = std::min<int64_t>(Pieces(pool), g.n * g.ho);
+  std::vector<float> acc(pieces * size, 0.0f);
+  ParallelFor(pool, g.n * g.ho, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
+    float* total = acc.data() + piece * size;
+    switch (co) {
+      case 16: DenseKernelGradRows<2>(g, cin, co, xd, gd, total, begin, end); break;
+      case 32: DenseKernelGradRows<4>(g, cin, co, xd, gd, total, begin, end); break;
+      case 64: DenseKernelGradRows<8>(g, cin, co, xd, gd, total, begin, end); break;
+      default: DenseKernelGradRows<0>(g, cin, co, xd, gd, total, begin, end);
+    }
+  });
+  float* out = dw->typed_data();
+  std::memcpy(out, acc.data(), sizeof(float) * size);
+  for (int64_t piece = 1; piece < pieces; ++piece) {
+    const float* part = acc.data() + piece * size;
+    for (int64_t e = 0; e < size; ++e) out[e] += part[e];
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForward, DepthwiseForward,
@@ -213,6 +366,24 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseInputGrad, DepthwiseInputGrad,
                                   .Attr<int64_t>("padding"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseKernelGrad, DepthwiseKernelGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForward, DenseConvForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvKernelGrad, DenseConvKernelGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

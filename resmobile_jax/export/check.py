@@ -24,14 +24,17 @@ class ExportError(ValueError):
     """A user mistake or a failed check, printed as `error: ...`."""
 
 
-def float32_copy(model, depthwise_impl: str = "auto"):
-    """The same weights in a float32 model (exports are float32 graphs; bf16-trained models included)."""
+def float32_copy(model, portable: bool = False):
+    """The same weights in a float32 model (exports are float32 graphs; bf16-trained models included). `portable`:
+    XLA's own convolutions only, no CPU custom calls or shifted-slice tricks, for graphs another runtime executes
+    (LiteRT has native depthwise kernels; the shifted form is 3x slower there)."""
     from resmobile_jax.checkpoint import load_state_dict, model_state_dict
     from resmobile_jax.models import build_model
 
+    impls = {"depthwise_impl": "xla", "stem_conv_impl": "xla"} if portable else {}
     copy = build_model({"variant": model.variant, "embedding_dim": model.embedding_dim,
                         "v2_output_stride": model.v2_output_stride,
-                        "depthwise_impl": depthwise_impl, "dtype": "float32"})
+                        "dtype": "float32", **impls})
     load_state_dict(copy, model_state_dict(model))
     return copy
 
@@ -85,8 +88,7 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
         raise ExportError(f"unknown export format(s) {', '.join(unknown)}; expected some of {', '.join(FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
     runners, results = {}, {}
-    # LiteRT has a native depthwise kernel; the shifted-slices form is an XLA:CPU training trick (3x slower there)
-    tflite_fn = embedding_function(float32_copy(model, "xla")) if any(f.startswith("tflite_") for f in formats) else None
+    tflite_fn = embedding_function(float32_copy(model, portable=True)) if any(f.startswith("tflite_") for f in formats) else None
     for fmt in formats:
         if progress:
             print(f"exporting {fmt} ...", flush=True)

@@ -195,54 +195,77 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
 }
 
 // Dense convolution, few input channels. y[b, r, q, :] = sum_{i, j, c} x[b, r*S+i-P, q*S+j-P, c] * w[i, j, c, :].
-// The output pixel's Cout values are accumulated in vector registers (GCC/Clang vector extensions: AVX on x86, NEON
-// on ARM) across all K*K*Cin taps when Cout is a multiple of 8 up to 64, the stems' 16 and 64; else a plain loop.
+// The input is first copied into a zero-padded buffer, so the inner loops have no bounds checks. When Cout is a
+// multiple of 8, outputs are computed in blocks of Q pixels x 8V channels held in vector registers (GCC/Clang
+// vector extensions: AVX on x86, NEON on ARM): every weight vector loaded is used for Q pixels, and the block's
+// weights (K*K*Cin*8V floats) stay in L1. Other Cout: a plain loop.
 typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned, may alias float
 
-template <int V>  // V = Cout / 8 vectors of accumulators
-void DenseForwardRowsVec(const Geometry& g, int64_t cin, const float* xd, const float* wd, float* yd, int64_t begin,
+struct Padded {
+  std::vector<float> data;
+  int64_t hp, wp;
+};
+
+Padded PadInput(ffi::ThreadPool& pool, const Geometry& g, const float* xd) {
+  Padded out{std::vector<float>(), g.h + 2 * g.p, g.w + 2 * g.p};
+  // The tail: a last partial block of pixels reads up to 7 pixels (x S) past the last row (results discarded).
+  out.data.assign(g.n * out.hp * out.wp * g.c + 8 * g.s * g.c, 0.0f);
+  float* pd = out.data.data();
+  ParallelFor(pool, g.n * g.h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / g.h, hi = row % g.h;
+      std::memcpy(pd + ((b * out.hp + hi + g.p) * out.wp + g.p) * g.c, xd + row * g.w * g.c, sizeof(float) * g.w * g.c);
+    }
+  });
+  return out;
+}
+
+template <int V, int Q>
+void DenseForwardBlocked(const Geometry& g, int64_t co, const Padded& xp, const float* wd, float* yd, int64_t begin,
                          int64_t end) {
-  const int64_t co = 8 * V;
+  const int64_t cin = g.c;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.ho, r = row % g.ho;
-    for (int64_t q = 0; q < g.wo; ++q) {
-      Vec8 acc[V];
-      for (int t = 0; t < V; ++t) acc[t] = Vec8{};
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t hi = r * g.s + i - g.p;
-        if (hi < 0 || hi >= g.h) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t wi = q * g.s + j - g.p;
-          if (wi < 0 || wi >= g.w) continue;
-          const float* xi = xd + ((b * g.h + hi) * g.w + wi) * cin;
-          const float* wij = wd + (i * g.k + j) * cin * co;
-          for (int64_t c = 0; c < cin; ++c) {
-            const float xv = xi[c];
-            const Vec8* wc = reinterpret_cast<const Vec8*>(wij + c * co);
-            for (int t = 0; t < V; ++t) acc[t] += xv * wc[t];
+    for (int64_t o0 = 0; o0 < co; o0 += 8 * V) {
+      for (int64_t q0 = 0; q0 < g.wo; q0 += Q) {
+        Vec8 acc[Q][V];
+        for (int u = 0; u < Q; ++u)
+          for (int t = 0; t < V; ++t) acc[u][t] = Vec8{};
+        for (int64_t i = 0; i < g.k; ++i) {
+          const float* xrow = xp.data.data() + (b * xp.hp + r * g.s + i) * xp.wp * cin;
+          for (int64_t j = 0; j < g.k; ++j) {
+            const float* wij = wd + (i * g.k + j) * cin * co + o0;
+            const float* x0 = xrow + (q0 * g.s + j) * cin;
+            for (int64_t c = 0; c < cin; ++c) {
+              const Vec8* wc = reinterpret_cast<const Vec8*>(wij + c * co);
+              for (int u = 0; u < Q; ++u) {
+                const float xv = x0[u * g.s * cin + c];  // past the row's end in a last partial block (discarded)
+                for (int t = 0; t < V; ++t) acc[u][t] += xv * wc[t];
+              }
+            }
           }
         }
+        for (int u = 0; u < Q && q0 + u < g.wo; ++u) {
+          Vec8* out = reinterpret_cast<Vec8*>(yd + (row * g.wo + q0 + u) * co + o0);
+          for (int t = 0; t < V; ++t) out[t] = acc[u][t];
+        }
       }
-      Vec8* out = reinterpret_cast<Vec8*>(yd + (row * g.wo + q) * co);
-      for (int t = 0; t < V; ++t) out[t] = acc[t];
     }
   }
 }
 
-void DenseForwardRows(const Geometry& g, int64_t cin, int64_t co, const float* xd, const float* wd, float* yd,
-                      int64_t begin, int64_t end) {
+void DenseForwardRows(const Geometry& g, int64_t co, const Padded& xp, const float* wd, float* yd, int64_t begin,
+                      int64_t end) {
+  const int64_t cin = g.c;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.ho, r = row % g.ho;
     for (int64_t q = 0; q < g.wo; ++q) {
       float* out = yd + (row * g.wo + q) * co;
       std::fill(out, out + co, 0.0f);
       for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t hi = r * g.s + i - g.p;
-        if (hi < 0 || hi >= g.h) continue;
+        const float* xrow = xp.data.data() + (b * xp.hp + r * g.s + i) * xp.wp * cin;
         for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t wi = q * g.s + j - g.p;
-          if (wi < 0 || wi >= g.w) continue;
-          const float* xi = xd + ((b * g.h + hi) * g.w + wi) * cin;
+          const float* xi = xrow + (q * g.s + j) * cin;
           const float* wij = wd + (i * g.k + j) * cin * co;
           for (int64_t c = 0; c < cin; ++c) {
             const float xv = xi[c];
@@ -261,58 +284,73 @@ ffi::Error DenseConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   auto wdim = w.dimensions();
   if (wdim.size() != 4) return ffi::Error::InvalidArgument("dense_conv: kernel must be (K, K, Cin, Cout)");
   if (auto e = MakeGeometry(x, wdim[0], stride, padding, &g); e.failure()) return e;
-  const int64_t cin = wdim[2], co = wdim[3];
-  const float* xd = x.typed_data();
+  const int64_t co = wdim[3];
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
+  const Padded xp = PadInput(pool, g, x.typed_data());
   ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
-    switch (co) {
-      case 16: DenseForwardRowsVec<2>(g, cin, xd, wd, yd, begin, end); break;
-      case 32: DenseForwardRowsVec<4>(g, cin, xd, wd, yd, begin, end); break;
-      case 64: DenseForwardRowsVec<8>(g, cin, xd, wd, yd, begin, end); break;
-      default: DenseForwardRows(g, cin, co, xd, wd, yd, begin, end);
-    }
+    if (co % 32 == 0) DenseForwardBlocked<4, 3>(g, co, xp, wd, yd, begin, end);
+    else if (co % 16 == 0) DenseForwardBlocked<2, 6>(g, co, xp, wd, yd, begin, end);
+    else if (co % 8 == 0) DenseForwardBlocked<1, 8>(g, co, xp, wd, yd, begin, end);
+    else DenseForwardRows(g, co, xp, wd, yd, begin, end);
   });
   return ffi::Error::Success();
 }
 
 // dw[i, j, c, :] = sum_{b, r, q} x[b, r*S+i-P, q*S+j-P, c] * dy[b, r, q, :], accumulated per chunk of output rows
 // (each chunk's own K*K*Cin*Cout accumulator, added in a fixed order at the end, as for the depthwise gradient).
-// V > 0: Cout = 8 * V, dy's pixel held in vector registers; V = 0: any Cout.
+// Per output row and tap (i, j, c), a block of 8V output channels is summed over the row's pixels in registers:
+// the row of dy (Wo*Cout floats) stays in L1 and nothing is stored inside the pixel loop.
 template <int V>
-void DenseKernelGradRows(const Geometry& g, int64_t cin, int64_t co, const float* xd, const float* gd, float* total,
-                         int64_t begin, int64_t end) {
-  const int64_t size = g.k * g.k * cin * co;
-  std::vector<float> row_sum(size);
+void DenseKernelGradBlocked(const Geometry& g, int64_t co, const Padded& xp, const float* gd, float* total,
+                            int64_t begin, int64_t end) {
+  const int64_t cin = g.c;
   for (int64_t row = begin; row < end; ++row) {
     const int64_t b = row / g.ho, r = row % g.ho;
-    std::fill(row_sum.begin(), row_sum.end(), 0.0f);
-    for (int64_t q = 0; q < g.wo; ++q) {
-      const float* gq = gd + (row * g.wo + q) * co;
-      Vec8 gv[V > 0 ? V : 1];
-      for (int t = 0; t < V; ++t) gv[t] = reinterpret_cast<const Vec8*>(gq)[t];
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t hi = r * g.s + i - g.p;
-        if (hi < 0 || hi >= g.h) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t wi = q * g.s + j - g.p;
-          if (wi < 0 || wi >= g.w) continue;
-          const float* xi = xd + ((b * g.h + hi) * g.w + wi) * cin;
-          float* a = row_sum.data() + (i * g.k + j) * cin * co;
-          for (int64_t c = 0; c < cin; ++c) {
-            const float xv = xi[c];
-            if (V > 0) {
-              Vec8* ac = reinterpret_cast<Vec8*>(a + c * co);
-              for (int t = 0; t < V; ++t) ac[t] += xv * gv[t];
-            } else {
-              float* ac = a + c * co;
-              for (int64_t o = 0; o < co; ++o) ac[o] += xv * gq[o];
+    const float* grow = gd + row * g.wo * co;
+    for (int64_t i = 0; i < g.k; ++i) {
+      const float* xrow = xp.data.data() + (b * xp.hp + r * g.s + i) * xp.wp * cin;
+      for (int64_t j = 0; j < g.k; ++j) {
+        for (int64_t c = 0; c < cin; ++c) {
+          const float* x0 = xrow + j * cin + c;
+          float* a = total + ((i * g.k + j) * cin + c) * co;
+          for (int64_t o0 = 0; o0 < co; o0 += 8 * V) {
+            Vec8 acc[V];
+            for (int t = 0; t < V; ++t) acc[t] = Vec8{};
+            for (int64_t q = 0; q < g.wo; ++q) {
+              const float xv = x0[q * g.s * cin];
+              const Vec8* gq = reinterpret_cast<const Vec8*>(grow + q * co + o0);
+              for (int t = 0; t < V; ++t) acc[t] += xv * gq[t];
             }
+            Vec8* at = reinterpret_cast<Vec8*>(a + o0);
+            for (int t = 0; t < V; ++t) at[t] += acc[t];
           }
         }
       }
     }
-    for (int64_t e = 0; e < size; ++e) total[e] += row_sum[e];
+  }
+}
+
+void DenseKernelGradRows(const Geometry& g, int64_t co, const Padded& xp, const float* gd, float* total,
+                         int64_t begin, int64_t end) {
+  const int64_t cin = g.c;
+  for (int64_t row = begin; row < end; ++row) {
+    const int64_t b = row / g.ho, r = row % g.ho;
+    for (int64_t q = 0; q < g.wo; ++q) {
+      const float* gq = gd + (row * g.wo + q) * co;
+      for (int64_t i = 0; i < g.k; ++i) {
+        const float* xrow = xp.data.data() + (b * xp.hp + r * g.s + i) * xp.wp * cin;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const float* xi = xrow + (q * g.s + j) * cin;
+          float* a = total + (i * g.k + j) * cin * co;
+          for (int64_t c = 0; c < cin; ++c) {
+            const float xv = xi[c];
+            float* ac = a + c * co;
+            for (int64_t o = 0; o < co; ++o) ac[o] += xv * gq[o];
+          }
+        }
+      }
+    }
   }
 }
 
@@ -321,19 +359,17 @@ ffi::Error DenseConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   Geometry g;
   auto wdim = dw->dimensions();
   if (auto e = MakeGeometry(x, wdim[0], stride, padding, &g); e.failure()) return e;
-  const int64_t cin = wdim[2], co = wdim[3], size = g.k * g.k * cin * co;
-  const float* xd = x.typed_data();
+  const int64_t co = wdim[3], size = g.k * g.k * g.c * co;
   const float* gd = dy.typed_data();
+  const Padded xp = PadInput(pool, g, x.typed_data());
   const int64_t pieces = std::min<int64_t>(Pieces(pool), g.n * g.ho);
   std::vector<float> acc(pieces * size, 0.0f);
   ParallelFor(pool, g.n * g.ho, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
     float* total = acc.data() + piece * size;
-    switch (co) {
-      case 16: DenseKernelGradRows<2>(g, cin, co, xd, gd, total, begin, end); break;
-      case 32: DenseKernelGradRows<4>(g, cin, co, xd, gd, total, begin, end); break;
-      case 64: DenseKernelGradRows<8>(g, cin, co, xd, gd, total, begin, end); break;
-      default: DenseKernelGradRows<0>(g, cin, co, xd, gd, total, begin, end);
-    }
+    if (co % 32 == 0) DenseKernelGradBlocked<4>(g, co, xp, gd, total, begin, end);
+    else if (co % 16 == 0) DenseKernelGradBlocked<2>(g, co, xp, gd, total, begin, end);
+    else if (co % 8 == 0) DenseKernelGradBlocked<1>(g, co, xp, gd, total, begin, end);
+    else DenseKernelGradRows(g, co, xp, gd, total, begin, end);
   });
   float* out = dw->typed_data();
   std::memcpy(out, acc.data(), sizeof(float) * size);

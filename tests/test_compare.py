@@ -71,7 +71,8 @@ def test_compare_command_end_to_end_with_two_seeds(tmp_path, capsys):
     assert (tmp_path / "export_v2" / r["file"]).is_file() and r["check_images"] == 40
     assert "| export tflite_int8 (LiteRT), 32 px: size, P@1 on 40 eval images, max abs diff vs JAX, batch-1 latency | " in report
     assert "| edge latency, tflite_int8 (LiteRT), batch 1, 64 px: ms median (p10-p90) | " in report
-    assert data["v1"]["export"][0]["formats"]["tflite_fp32"]["max_abs_diff"] < 1e-4  # int8: judged by P@1, not here
+    fp32 = data["v1"]["export"][0]["formats"]["tflite_fp32"]  # int8: judged by P@1, not here
+    assert fp32["max_abs_diff"] <= fp32["tolerance"] <= 1e-3
     assert data["v1"]["export"][1]["input_hw"] == [64, 64]
     assert "| Mobile-friendly (measured on this CPU) | int8 LiteRT: " in report
     for png in ("tsne_v1_v2.png", "tsne_v1.png", "tsne_v2.png", "retrieval_v1.png", "retrieval_v2.png"):

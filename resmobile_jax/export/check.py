@@ -17,6 +17,11 @@ from flax import nnx
 
 FORMATS = ("tflite_fp32", "tflite_fp16", "tflite_int8", "onnx")
 TOLERANCE = {"tflite_fp32": 1e-4, "onnx": 1e-4}  # max abs diff of unit-norm embeddings; a wrong mapping gives ~0.1
+# Barely trained models (near-degenerate BatchNorm statistics) amplify float32 rounding: two correct JAX forms of the
+# same model (the CPU kernels vs XLA's own convs) then differ by up to ~6e-5. The fp32 tolerance is raised to
+# NOISE_FACTOR x that measured difference, never above TOLERANCE_CAP, so a wrong mapping still fails.
+NOISE_FACTOR = 4
+TOLERANCE_CAP = 1e-3
 P_AT_1_DROP = 0.01  # a reduced-precision export "keeps retrieval quality" when its P@1 is at most this below JAX's
 
 
@@ -88,7 +93,8 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
         raise ExportError(f"unknown export format(s) {', '.join(unknown)}; expected some of {', '.join(FORMATS)}")
     out.mkdir(parents=True, exist_ok=True)
     runners, results = {}, {}
-    tflite_fn = embedding_function(float32_copy(model, portable=True)) if any(f.startswith("tflite_") for f in formats) else None
+    portable_fn = embedding_function(float32_copy(model, portable=True))
+    tflite_fn = portable_fn if any(f.startswith("tflite_") for f in formats) else None
     for fmt in formats:
         if progress:
             print(f"exporting {fmt} ...", flush=True)
@@ -98,7 +104,8 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
                         "export_seconds": round(time.perf_counter() - started, 1), "runtime": runners[fmt].runtime}
 
     reference = jax.jit(embedding_function(float32_copy(model)))
-    embeddings = {"jax": [], **{f: [] for f in formats}}
+    portable = jax.jit(portable_fn)
+    embeddings = {"jax": [], "jax_portable": [], **{f: [] for f in formats}}
     batches = eval_batches(check_images, preprocess, batch_size)
     if progress:
         from tqdm import tqdm
@@ -107,6 +114,7 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
                        leave=False)
     for local, real in batches:
         embeddings["jax"].append(np.asarray(reference(local["image"]))[:real])
+        embeddings["jax_portable"].append(np.asarray(portable(local["image"]))[:real])
         for fmt, run in runners.items():
             embeddings[fmt].append(np.asarray(run(local["image"]))[:real])
     embeddings = {k: np.concatenate(v) for k, v in embeddings.items()}
@@ -118,9 +126,13 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
     jax_p1 = p_at_1(embeddings["jax"])
     one = np.random.default_rng(0).integers(0, 256, (1, *input_hw, 3), dtype=np.uint8)
     jax_latency = time_jitted(reference, one, budget_seconds=timing_budget_seconds)
+    noise = float(np.abs(embeddings["jax_portable"] - embeddings["jax"]).max())
     for fmt in formats:
         r = results[fmt]
         r["max_abs_diff"] = float(np.abs(embeddings[fmt] - embeddings["jax"]).max())
+        r["jax_float32_noise"] = noise
+        if fmt in TOLERANCE:
+            r["tolerance"] = min(max(TOLERANCE[fmt], NOISE_FACTOR * noise), TOLERANCE_CAP)
         r["precision_at_1"] = p_at_1(embeddings[fmt])
         r["precision_at_1_jax"] = jax_p1
         r["check_images"] = len(labels)
@@ -132,8 +144,9 @@ def export_and_check(model, formats, input_hw: tuple[int, int], out: Path, check
 
 def verdict(fmt: str, r: dict) -> str:
     if fmt in TOLERANCE:
-        ok = r["max_abs_diff"] <= TOLERANCE[fmt]
-        return f"{'ok' if ok else 'FAILED'}: max abs diff {r['max_abs_diff']:.1e} (tolerance {TOLERANCE[fmt]:.0e})"
+        tol = r.get("tolerance", TOLERANCE[fmt])
+        ok = r["max_abs_diff"] <= tol
+        return f"{'ok' if ok else 'FAILED'}: max abs diff {r['max_abs_diff']:.1e} (tolerance {tol:.1e})"
     change = r["precision_at_1"] - r["precision_at_1_jax"]
     ok = change >= -P_AT_1_DROP
     return f"{'keeps' if ok else 'LOSES'} retrieval quality: P@1 {change:+.4f} vs JAX (allowed -{P_AT_1_DROP})"

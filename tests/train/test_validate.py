@@ -34,6 +34,9 @@ CASES = [
     ("optimizer.name", "lamb", "optimizer.name must be"),
     ("train.best_metric", "accuracy", "train.best_metric must be"),
     ("data.rrc_scale", (0.0, 1.0), "rrc_scale"),
+    ("model.depthwise_impl", "fast", "model.depthwise_impl must be one of auto, xla, shifted, cpu_kernel"),
+    ("model.stem_conv_impl", "onednn", "model.stem_conv_impl must be one of auto, xla, cpu_kernel"),
+    ("model.pointwise_impl", "gemm", "model.pointwise_impl must be one of matmul, conv"),
 ]
 
 
@@ -51,6 +54,13 @@ def test_warmup_longer_than_run():
     c = get_config()
     c.train.num_steps, c.optimizer.warmup_steps = 100, 200
     with pytest.raises(ConfigError, match="warmup_steps = 200 is not shorter than train.num_steps = 100"):
+        check_config(c)
+
+
+def test_cpu_kernel_needs_float32():
+    c = get_config()
+    c.model.depthwise_impl, c.model.dtype = "cpu_kernel", "bfloat16"
+    with pytest.raises(ConfigError, match="depthwise_impl='cpu_kernel' computes in float32, but model.dtype is 'bfloat16'"):
         check_config(c)
 
 

@@ -73,6 +73,23 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t pieces, Body body
 // A few chunks per thread, so a thread that starts late or runs slow does not leave the others waiting.
 int64_t Pieces(ffi::ThreadPool& pool) { return 4 * std::max<int64_t>(1, pool.num_threads()); }
 
+// Kernel gradients: body(begin, end, acc) sums rows [begin, end) into its chunk's own zeroed `size`-float
+// accumulator; the chunks' accumulators are then added into `out` in chunk order, so the result does not depend on
+// thread timing.
+template <typename Body>
+void ParallelSum(ffi::ThreadPool& pool, int64_t rows, int64_t size, float* out, Body body) {
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
+  std::vector<float> acc(pieces * size, 0.0f);
+  ParallelFor(pool, rows, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
+    body(begin, end, acc.data() + piece * size);
+  });
+  std::memcpy(out, acc.data(), sizeof(float) * size);
+  for (int64_t piece = 1; piece < pieces; ++piece) {
+    const float* part = acc.data() + piece * size;
+    for (int64_t e = 0; e < size; ++e) out[e] += part[e];
+  }
+}
+
 // y[b, r, q, :] = sum_ij x[b, r*S+i-P, q*S+j-P, :] * w[i, j, :]
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
@@ -158,10 +175,7 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const float* xd = x.typed_data();
   const float* gd = dy.typed_data();
   const int64_t C = g.c, taps = g.k * g.k;
-  const int64_t pieces = std::min<int64_t>(Pieces(pool), g.n * g.ho);
-  std::vector<float> acc(pieces * taps * C, 0.0f);
-  ParallelFor(pool, g.n * g.ho, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
-    float* total = acc.data() + piece * taps * C;
+  ParallelSum(pool, g.n * g.ho, taps * C, dw->typed_data(), [&](int64_t begin, int64_t end, float* total) {
     std::vector<float> row_sum(taps * C);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.ho, r = row % g.ho;
@@ -185,12 +199,6 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
       for (int64_t e = 0; e < taps * C; ++e) total[e] += row_sum[e];
     }
   });
-  float* out = dw->typed_data();
-  std::memcpy(out, acc.data(), sizeof(float) * taps * C);
-  for (int64_t piece = 1; piece < pieces; ++piece) {
-    const float* part = acc.data() + piece * taps * C;
-    for (int64_t e = 0; e < taps * C; ++e) out[e] += part[e];
-  }
   return ffi::Error::Success();
 }
 
@@ -362,68 +370,38 @@ ffi::Error DenseConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const int64_t co = wdim[3], size = g.k * g.k * g.c * co;
   const float* gd = dy.typed_data();
   const Padded xp = PadInput(pool, g, x.typed_data());
-  const int64_t pieces = std::min<int64_t>(Pieces(pool), g.n * g.ho);
-  std::vector<float> acc(pieces * size, 0.0f);
-  ParallelFor(pool, g.n * g.ho, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
-    float* total = acc.data() + piece * size;
+  ParallelSum(pool, g.n * g.ho, size, dw->typed_data(), [&](int64_t begin, int64_t end, float* total) {
     if (co % 32 == 0) DenseKernelGradBlocked<4>(g, co, xp, gd, total, begin, end);
     else if (co % 16 == 0) DenseKernelGradBlocked<2>(g, co, xp, gd, total, begin, end);
     else if (co % 8 == 0) DenseKernelGradBlocked<1>(g, co, xp, gd, total, begin, end);
     else DenseKernelGradRows(g, co, xp, gd, total, begin, end);
   });
-  float* out = dw->typed_data();
-  std::memcpy(out, acc.data(), sizeof(float) * size);
-  for (int64_t piece = 1; piece < pieces; ++piece) {
-    const float* part = acc.data() + piece * size;
-    for (int64_t e = 0; e < size; ++e) out[e] += part[e];
-  }
   return ffi::Error::Success();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForward, DepthwiseForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
+// Every kernel takes NHWC float32 buffers and the stride and symmetric padding as attributes.
+static auto TwoInputs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("padding");
+}
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForward, DepthwiseForward, TwoInputs());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseKernelGrad, DepthwiseKernelGrad, TwoInputs());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForward, DenseConvForward, TwoInputs());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvKernelGrad, DenseConvKernelGrad, TwoInputs());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseInputGrad, DepthwiseInputGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseKernelGrad, DepthwiseKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForward, DenseConvForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("stride")
-                                  .Attr<int64_t>("padding"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvKernelGrad, DenseConvKernelGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x, for its shape
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding"));

@@ -18,9 +18,10 @@ from flax import nnx
 FORMATS = ("tflite_fp32", "tflite_fp16", "tflite_int8", "onnx")
 TOLERANCE = {"tflite_fp32": 1e-4, "onnx": 1e-4}  # max abs diff of unit-norm embeddings; a wrong mapping gives ~0.1
 # Barely trained models (near-degenerate BatchNorm statistics) amplify float32 rounding: two correct JAX forms of the
-# same model (the CPU kernels vs XLA's own convs) then differ by up to ~6e-5. The fp32 tolerance is raised to
+# same model (the CPU kernels vs XLA's own convs) differ by up to ~6e-5, and LiteRT (XNNPACK, a third summation
+# order) by up to ~1.3e-4 (a 3-step V2 at 64 px; trained models: ~5e-6). The fp32 tolerance is raised to
 # NOISE_FACTOR x that measured difference, never above TOLERANCE_CAP, so a wrong mapping still fails.
-NOISE_FACTOR = 4
+NOISE_FACTOR = 10
 TOLERANCE_CAP = 1e-3
 P_AT_1_DROP = 0.01  # a reduced-precision export "keeps retrieval quality" when its P@1 is at most this below JAX's
 

@@ -10,6 +10,15 @@ from resmobile_jax.models import layers
 from resmobile_jax.models.kernels import cpu_kernels
 
 
+def torch_conv_with_grads(x, w, g, stride, padding=0, groups=1):
+    """torch's conv2d and its autograd gradients, in our layouts: x and g NHWC, w HWIO; returns (y, dx, dw)."""
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
+    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=padding, groups=groups)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    return yt.detach().permute(0, 2, 3, 1).numpy(), xt.grad.permute(0, 2, 3, 1).numpy(), wt.grad.permute(2, 3, 1, 0).numpy()
+
+
 @pytest.mark.parametrize("value", [8, 15, 16, 17, 18, 20, 30, 60, 72 // 4, 120 // 4, 240 // 4, 480 // 4, 672 // 4, 960 // 4, 3.5, 100.0])
 def test_make_divisible_matches_torchvision(value):
     assert layers.make_divisible(value, 8) == _make_divisible(value, 8)
@@ -38,13 +47,10 @@ def test_depthwise_conv_gradients_match_torch_autograd(kernel, stride, size, imp
     y, pullback = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, stride, kernel // 2, impl), jnp.asarray(x), jnp.asarray(w))
     g = rng.standard_normal(y.shape).astype(np.float32)
     dx, dw = jax.jit(pullback)(jnp.asarray(g))
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
-    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
-    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=kernel // 2, groups=c)
-    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5, rtol=0)
-    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), atol=1e-4, rtol=1e-5)
+    ref_y, ref_dx, ref_dw = torch_conv_with_grads(x, w, g, stride, kernel // 2, groups=c)
+    np.testing.assert_allclose(np.asarray(y), ref_y, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, atol=1e-4, rtol=1e-5)
 
 
 def test_auto_depthwise_impl_on_this_cpu():
@@ -77,13 +83,10 @@ def test_pointwise_conv_and_gradients_match_torch(stride, impl, rng):
     y, pullback = jax.vjp(f, jnp.asarray(x), jnp.asarray(w))
     g = rng.standard_normal(y.shape).astype(np.float32)
     dx, dw = pullback(jnp.asarray(g))
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
-    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
-    yt = torch.nn.functional.conv2d(xt, wt, stride=stride)
-    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-5)
-    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), atol=1e-4)
+    ref_y, ref_dx, ref_dw = torch_conv_with_grads(x, w, g, stride)
+    np.testing.assert_allclose(np.asarray(y), ref_y, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, atol=1e-4)
     with pytest.raises(ValueError, match="pointwise_impl"):
         layers.Conv(4, 4, 1, pointwise_impl="gemm", rng=np.random.default_rng(0))
 
@@ -127,13 +130,10 @@ def test_stem_conv_cpu_kernel_and_gradients_match_torch(kernel, stride, size, ou
     np.testing.assert_array_equal(np.asarray(conv(jnp.asarray(x))), np.asarray(y))
     g = rng.standard_normal(y.shape).astype(np.float32)
     dx, dw = jax.jit(pullback)(jnp.asarray(g))
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
-    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
-    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=kernel // 2)
-    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+    ref_y, ref_dx, ref_dw = torch_conv_with_grads(x, w, g, stride, kernel // 2)
+    np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="stem_conv_impl"):
         layers.Conv(3, 8, 3, stem_conv_impl="onednn", rng=np.random.default_rng(0))
 
@@ -151,13 +151,10 @@ def test_stem_conv_gradients_match_torch(kernel, stride, size, rng):
     y, pullback = jax.vjp(lambda x, w: layers.conv_im2col_weight_grad(x, w, stride, kernel // 2), jnp.asarray(x), jnp.asarray(w))
     g = rng.standard_normal(y.shape).astype(np.float32)
     dx, dw = pullback(jnp.asarray(g))
-    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
-    wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
-    yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=kernel // 2)
-    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
-    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(np.asarray(dw), wt.grad.permute(2, 3, 1, 0).numpy(), rtol=1e-4, atol=1e-3)
-    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+    ref_y, ref_dx, ref_dw = torch_conv_with_grads(x, w, g, stride, kernel // 2)
+    np.testing.assert_allclose(np.asarray(y), ref_y, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-4, atol=1e-4)
 
 
 def test_activations_match_torch(rng):

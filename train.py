@@ -2,8 +2,10 @@
 
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from resmobile_jax import cli
 
 config_flags.DEFINE_config_file("config", None, "configs/v1.py or configs/v2.py, optionally with :PRESET", lock_config=True)
 flags.DEFINE_string("workdir", None, "directory for checkpoints, metrics and reports")
@@ -37,4 +39,4 @@ def parse_flags(argv):
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=parse_flags)
+    cli.run(main, flags_parser=parse_flags)

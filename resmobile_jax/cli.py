@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import platform
+import sys
 
 
 def quiet_logging() -> None:
@@ -46,3 +48,44 @@ def enable_compilation_cache() -> None:
     )
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+# glibc malloc settings for a process that allocates and frees gigabyte-sized buffers every step (XLA:CPU's
+# per-execution temporaries): by default each such buffer is a fresh mmap, so every step page-faults it in 4 KiB
+# pages at ~1 GB/s. Keeping freed memory in the heap (no mmap, no trim) and backing it with transparent huge pages
+# made V1's 224 px train step 1.1-1.35x faster on the 2-core CPU (README, Speed). Unknown tunables are ignored by
+# older glibc; other C libraries are left alone.
+MALLOC_TUNABLES = {
+    "glibc.malloc.hugetlb": "1",
+    "glibc.malloc.mmap_max": "0",
+    "glibc.malloc.trim_threshold": str(1 << 36),
+}
+_REEXEC_MARK = "RESMOBILE_MALLOC_REEXEC"
+
+
+def malloc_tunables_env(environ) -> dict | None:
+    """The environment to re-execute with, or None when nothing is to change: RESMOBILE_MALLOC=default opts out, a
+    tunable the user already set in GLIBC_TUNABLES is kept as they set it, and a process is re-executed once."""
+    if environ.get("RESMOBILE_MALLOC", "tuned") == "default" or environ.get(_REEXEC_MARK):
+        return None
+    if platform.libc_ver()[0] != "glibc" or not hasattr(os, "execve"):
+        return None
+    current = dict(item.split("=", 1) for item in environ.get("GLIBC_TUNABLES", "").split(":") if "=" in item)
+    missing = {k: v for k, v in MALLOC_TUNABLES.items() if k not in current}
+    if not missing:
+        return None
+    return {**environ, _REEXEC_MARK: "1",
+            "GLIBC_TUNABLES": ":".join(f"{k}={v}" for k, v in {**current, **missing}.items())}
+
+
+def run(main, **kwargs) -> None:
+    """absl's app.run for the command-line entry points (never called on import): glibc reads GLIBC_TUNABLES only
+    at start-up, so the process first re-executes itself, same interpreter and arguments, with MALLOC_TUNABLES."""
+    env = malloc_tunables_env(os.environ)
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+    from absl import app
+
+    app.run(main, **kwargs)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from absl import app, flags
 
+from resmobile_jax import cli
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "directory for both runs and the report")
 flags.DEFINE_string("preset", "cpu", "config preset for both variants (cpu | accel)")
@@ -351,4 +353,4 @@ def main(argv):
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["workdir"])
-    app.run(main)
+    cli.run(main)

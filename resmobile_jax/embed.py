@@ -12,6 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from resmobile_jax import cli
 from resmobile_jax import parallel
 from resmobile_jax.data.pipeline import eval_batches
 from resmobile_jax.data.preprocess import Preprocess, normalize
@@ -106,7 +107,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
 
     flags.DEFINE_string("checkpoint", None, "a training run's workdir or a model checkpoint (convert to-flax --out)")
     flags.DEFINE_string("images", None, "folder of images; files in DIR/<class>/ are labelled <class>")
@@ -115,4 +116,4 @@ if __name__ == "__main__":
     flags.DEFINE_integer("batch_size", 64, "images per jitted call")
     flags.DEFINE_bool("overwrite", False, "replace an existing --out")
     flags.mark_flags_as_required(["checkpoint", "images", "out"])
-    app.run(main)
+    cli.run(main)

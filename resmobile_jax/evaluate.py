@@ -22,6 +22,8 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from resmobile_jax import cli
+
 FLAGS = flags.FLAGS
 EVAL_FILE = "eval.json"
 
@@ -300,4 +302,4 @@ if __name__ == "__main__":
     flags.DEFINE_multi_string("timing_batches", ["1", "64"], "batch sizes to time")
     flags.DEFINE_integer("tsne_points", 2000, "class-stratified subsample for t-SNE and cluster quality")
     flags.DEFINE_bool("save_embeddings", False, "also write OUT/embeddings.npz (embeddings, labels)")
-    app.run(main)
+    cli.run(main)

@@ -18,6 +18,7 @@ import jax.extend
 import jax.numpy as jnp
 from flax import nnx
 
+from resmobile_jax import cli
 from resmobile_jax.models import PARTS, ResMobileNet, build_model, input_hw
 
 MB = 1e6  # sizes are in decimal megabytes (10^6 bytes)
@@ -154,7 +155,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    from absl import app, flags
+    from absl import flags
     from ml_collections import config_flags
 
     config_flags.DEFINE_config_file("config", None, "configs/v1.py or configs/v2.py (with :preset)", lock_config=True)
@@ -162,4 +163,4 @@ if __name__ == "__main__":
                         "the seed's figures refer to; 'config' uses config.model.input_size")
     flags.DEFINE_bool("json", False, "print JSON instead of a Markdown table")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    cli.run(main)

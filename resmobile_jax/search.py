@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from absl import app, flags
+from absl import flags
+
+from resmobile_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -123,4 +125,4 @@ if __name__ == "__main__":  # flags defined only when run: importing search() de
     flags.DEFINE_enum("index", "exact", ["exact", "faiss"], "exact search, or a faiss HNSW index (pip install faiss-cpu)")
     flags.DEFINE_integer("batch_size", 64, "query images per jitted call")
     flags.mark_flags_as_required(["checkpoint", "gallery"])
-    app.run(main)
+    cli.run(main)

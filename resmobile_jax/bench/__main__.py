@@ -18,8 +18,9 @@ import platform
 import sys
 from pathlib import Path
 
-from absl import app, flags
+from absl import flags
 
+from resmobile_jax import cli
 from resmobile_jax.models.layers import DEPTHWISE_IMPLS
 
 FLAGS = flags.FLAGS
@@ -180,8 +181,6 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
 
 def main(argv):
     del argv
-    from resmobile_jax import cli
-
     cli.quiet_logging()
     import jax
 
@@ -224,4 +223,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -12,9 +12,10 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
 
+from resmobile_jax import cli
 from resmobile_jax.models import build_model
 from resmobile_jax.models.resmobilenet import PARTS
 from resmobile_jax.timing import repeat_timing, time_jitted
@@ -114,8 +115,6 @@ def trace_train_steps(variant: str, size: int, batch: int, directory: str) -> No
 
 def main(argv):
     del argv
-    from resmobile_jax import cli
-
     cli.quiet_logging()
     results = {}
     for impl in FLAGS.impls:
@@ -130,4 +129,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -11,8 +11,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
+from resmobile_jax import cli
 from resmobile_jax.models.kernels import cpu_kernels
 from resmobile_jax.models.layers import depthwise_conv
 from resmobile_jax.timing import time_jitted
@@ -115,4 +116,4 @@ def main(argv):
 if __name__ == "__main__":  # flags defined only when run: the tests import measure() beside bench's own flags
     flags.DEFINE_integer("batch", 32, "batch size of every layer")
     flags.DEFINE_float("budget_seconds", 2.0, "timing budget per measurement")
-    app.run(main)
+    cli.run(main)

@@ -12,7 +12,9 @@ import sys
 from pathlib import Path
 
 import ml_collections
-from absl import app, flags
+from absl import flags
+
+from resmobile_jax import cli
 
 FLAGS = flags.FLAGS
 
@@ -103,4 +105,4 @@ if __name__ == "__main__":  # flags defined only when run, so importing run_expo
                                     "--config.data.*); default: the run's own data, or the cpu preset for a model "
                                     "checkpoint", lock_config=False)
     flags.mark_flags_as_required(["checkpoint"])
-    app.run(main)
+    cli.run(main)

@@ -1,0 +1,81 @@
+"""cli.run: the entry points re-execute themselves once with the glibc malloc tunables, keeping argv and the user's
+own tunables, and not at all when opted out."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from resmobile_jax import cli
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OURS = ":".join(f"{k}={v}" for k, v in cli.MALLOC_TUNABLES.items())
+glibc_only = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the tunables are glibc's")
+
+# A real entry point in miniature: absl flags, cli.run, and a main that reports what the process saw.
+PROGRAM = """
+import os, sys
+from absl import flags
+from resmobile_jax import cli
+flags.DEFINE_integer("n", 0, "")
+def main(argv):
+    print(os.getpid(), repr(os.environ.get("GLIBC_TUNABLES")), flags.FLAGS.n, argv[1:], sep="|")
+    print(heap_growth_from_a_256mb_malloc())
+def heap_growth_from_a_256mb_malloc():
+    # What glibc did with the tunables: with mmap_max=0 a big block comes from the brk heap, not a fresh mapping.
+    import ctypes
+    def heap():
+        with open("/proc/self/maps") as f:
+            return sum(int(b, 16) - int(a, 16) for a, b in
+                       (l.split()[0].split("-") for l in f if l.rstrip().endswith("[heap]")))
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    before = heap()
+    block = libc.malloc(256 << 20)
+    assert block
+    return heap() - before >= 256 << 20
+cli.run(main)
+"""
+
+
+def run_program(tmp_path, env_overrides, *args):
+    script = tmp_path / "entry.py"
+    script.write_text(PROGRAM)
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESMOBILE_MALLOC", cli._REEXEC_MARK)}
+    env.update(env_overrides, PYTHONPATH=ROOT)
+    proc = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE, text=True)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    pid, tunables, n, argv = out.strip().splitlines()[-2].split("|")
+    heap_malloc = out.strip().splitlines()[-1]
+    return {"same_pid": int(pid) == proc.pid, "tunables": eval(tunables), "n": int(n), "argv": argv,
+            "heap_malloc": heap_malloc == "True"}
+
+
+@glibc_only
+def test_entry_point_reexecutes_once_with_the_tunables_and_the_same_arguments(tmp_path):
+    r = run_program(tmp_path, {}, "--n=7", "positional")
+    assert r["tunables"] == OURS
+    assert r["heap_malloc"]  # set before exec, so glibc read them at start-up
+    assert r["same_pid"]  # execve replaces the process: the caller's pid and pipes stay valid
+    assert r["n"] == 7 and r["argv"] == "['positional']"
+
+
+@glibc_only
+def test_user_tunables_are_kept_and_only_missing_ones_added(tmp_path):
+    r = run_program(tmp_path, {"GLIBC_TUNABLES": "glibc.malloc.mmap_max=5:glibc.malloc.arena_max=2"})
+    parts = r["tunables"].split(":")
+    assert "glibc.malloc.mmap_max=5" in parts and "glibc.malloc.arena_max=2" in parts
+    assert "glibc.malloc.mmap_max=0" not in parts
+    assert "glibc.malloc.hugetlb=1" in parts and f"glibc.malloc.trim_threshold={1 << 36}" in parts
+
+
+@glibc_only
+def test_opt_out_and_already_tuned_environments_run_unchanged(tmp_path):
+    r = run_program(tmp_path, {"RESMOBILE_MALLOC": "default"})
+    assert r["tunables"] is None
+    assert not r["heap_malloc"]  # glibc's default: a big block is a fresh mmap, page-faulted in on every use
+    assert cli.malloc_tunables_env({"GLIBC_TUNABLES": OURS}) is None
+    assert cli.malloc_tunables_env({cli._REEXEC_MARK: "1"}) is None  # never a second re-exec, whatever glibc did

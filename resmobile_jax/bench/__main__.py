@@ -125,6 +125,7 @@ def environment() -> dict:
     return {"device": device_description(), "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "peak_gflops": peak, "peak_gflops_how": how, "command": "python -m resmobile_jax.bench " + " ".join(sys.argv[1:])}
 
 
@@ -146,6 +147,7 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
         f"- machine: {env['device']}; nominal peak {_fmt(env['peak_gflops'])} GFLOP/s ({env['peak_gflops_how']})",
         f"- versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
         f"torch {env['torch']} ({env['torch_threads']} threads); XLA_FLAGS='{env['xla_flags']}'",
+        f"- malloc (the same for both frameworks, one process): GLIBC_TUNABLES='{env['glibc_tunables']}'",
         "- speedup = how many times faster (or smaller) JAX is; above 1 means JAX wins. Medians of repeated calls "
         "after warm-up; both frameworks get the same uint8 images and normalize them inside the timed call.", "",
         head, "|" + "---|" * (head.count("|") - 1),

@@ -4,10 +4,15 @@ head), in JAX (per depthwise implementation) and in the PyTorch reference, on th
     python -m resmobile_jax.bench.breakdown --variant v2 --size 224 --batch 32 [--trace_dir DIR]
 
 --trace_dir also writes a jax.profiler trace of a few full train steps (open it in TensorBoard's profile plugin or
-Perfetto) for op-level detail.
+Perfetto) and prints the XLA ops that took the most time in it (fusions, dots, the C++ kernels' custom calls).
 """
 
 from __future__ import annotations
+
+import collections
+import glob
+import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +105,9 @@ def table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+TRACED_STEPS = 3
+
+
 def trace_train_steps(variant: str, size: int, batch: int, directory: str) -> None:
     from resmobile_jax.bench import jax_side
 
@@ -107,10 +115,44 @@ def trace_train_steps(variant: str, size: int, batch: int, directory: str) -> No
     state, metrics = step(state, data)  # compile outside the trace
     jax.block_until_ready(metrics)
     with jax.profiler.trace(directory):
-        for _ in range(3):
+        for _ in range(TRACED_STEPS):
             state, metrics = step(state, data)
         jax.block_until_ready(metrics)
-    print(f"trace written to {directory}")
+    print(f"trace written to {directory}\n")
+    print(op_table(directory, TRACED_STEPS))
+
+
+def op_times(directory: str, steps: int) -> dict[str, float]:
+    """{XLA op name: ms per step} from the newest jax.profiler trace under `directory`. On CPU, XLA's thunk executor
+    records each op (fusion, dot, custom call) as an event on the thread that ran it; its own bookkeeping events and
+    the region markers of its thread pools are left out."""
+    from jax.profiler import ProfileData
+
+    files = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
+    if not files:
+        raise FileNotFoundError(f"no *.xplane.pb trace under {directory}")
+    times: collections.Counter = collections.Counter()
+    for plane in ProfileData.from_file(files[-1]).planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_XLA"):  # XLA's worker threads, not Python's or the client's
+                continue
+            for event in line.events:
+                if not event.name.startswith(("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool", "end: ")):
+                    times[event.name] += event.duration_ns / 1e6 / steps
+    return dict(times)
+
+
+def op_table(directory: str, steps: int, top: int = 15) -> str:
+    """The most expensive op kinds (ops named alike, e.g. every `broadcast_subtract_fusion.N`) and single ops."""
+    times = collections.Counter(op_times(directory, steps))
+    kinds: collections.Counter = collections.Counter()
+    for name, ms in times.items():
+        kinds[re.sub(r"\.\d+$", "", name)] += ms
+    total = sum(times.values())
+    lines = [f"XLA ops, ms per step (all threads; {total:.0f} ms in all)", "", "| op kind | ms | share |", "|---|---:|---:|"]
+    lines += [f"| {k} | {ms:.1f} | {100 * ms / total:.1f}% |" for k, ms in kinds.most_common(top)]
+    lines += ["", "| op | ms |", "|---|---:|"] + [f"| {k} | {ms:.1f} |" for k, ms in times.most_common(top)]
+    return "\n".join(lines)
 
 
 def main(argv):

@@ -84,3 +84,31 @@ def test_depthwise_gradient_rewrites_equal_autodiff():
             assert r[f"{name}_rel_err"] < 1e-5, (r["layer"], name)
             assert r[f"{name}_ms"] > 0
     assert format_table(records).count("\n") == 3
+
+
+def test_op_table_reads_the_ops_of_a_real_trace(tmp_path):
+    """A traced program with one big matmul and one cheap elementwise op: both are found by name, once per call, and
+    the matmul dominates."""
+    import jax
+    import jax.numpy as jnp
+
+    from resmobile_jax.bench import breakdown
+
+    @jax.jit
+    def program(a, b, c):
+        return a @ b, c + 1.0
+
+    a = jnp.ones((1024, 1024))
+    c = jnp.ones((8,))
+    jax.block_until_ready(program(a, a, c))
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(2):
+            jax.block_until_ready(program(a, a, c))
+    times = breakdown.op_times(str(tmp_path), steps=2)
+    matmul = [ms for name, ms in times.items() if "dot" in name or "fusion" in name]
+    assert matmul and max(matmul) > 1.0  # a 2 GFLOP matmul takes milliseconds on any CPU
+    assert max(matmul) == max(times.values())
+    table = breakdown.op_table(str(tmp_path), steps=2)
+    assert "| op kind | ms | share |" in table and "ms in all" in table
+    with pytest.raises(FileNotFoundError, match="no .*xplane.pb trace"):
+        breakdown.op_times(str(tmp_path / "empty"), steps=1)

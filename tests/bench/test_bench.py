@@ -92,7 +92,7 @@ def test_op_table_reads_the_ops_of_a_real_trace(tmp_path):
     import jax
     import jax.numpy as jnp
 
-    from resmobile_jax.bench import breakdown
+    from resmobile_jax.bench import trace_ops
 
     @jax.jit
     def program(a, b, c):
@@ -104,11 +104,11 @@ def test_op_table_reads_the_ops_of_a_real_trace(tmp_path):
     with jax.profiler.trace(str(tmp_path)):
         for _ in range(2):
             jax.block_until_ready(program(a, a, c))
-    times = breakdown.op_times(str(tmp_path), steps=2)
+    times = trace_ops.op_times(str(tmp_path), steps=2)
     matmul = [ms for name, ms in times.items() if "dot" in name or "fusion" in name]
     assert matmul and max(matmul) > 1.0  # a 2 GFLOP matmul takes milliseconds on any CPU
     assert max(matmul) == max(times.values())
-    table = breakdown.op_table(str(tmp_path), steps=2)
+    table = trace_ops.op_table(str(tmp_path), steps=2)
     assert "| op kind | ms | share |" in table and "ms in all" in table
     with pytest.raises(FileNotFoundError, match="no .*xplane.pb trace"):
-        breakdown.op_times(str(tmp_path / "empty"), steps=1)
+        trace_ops.op_times(str(tmp_path / "empty"), steps=1)

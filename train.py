@@ -13,10 +13,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
-    from resmobile_jax.cli import start_command
     from resmobile_jax.train import train_and_evaluate
 
-    start_command(argv)
+    cli.start_command(argv)
     from resmobile_jax.data.idx import DatasetError
     from resmobile_jax.train.checkpoints import CheckpointWriteError
     from resmobile_jax.train.loop import NonFiniteError

@@ -53,8 +53,8 @@ def enable_compilation_cache() -> None:
 # glibc malloc settings for a process that allocates and frees gigabyte-sized buffers every step (XLA:CPU's
 # per-execution temporaries): by default each such buffer is a fresh mmap, so every step page-faults it in 4 KiB
 # pages at ~1 GB/s. Keeping freed memory in the heap (no mmap, no trim) and backing it with transparent huge pages
-# made V1's 224 px train step 1.1-1.35x faster on the 2-core CPU (README, Speed). Unknown tunables are ignored by
-# older glibc; other C libraries are left alone.
+# raised JAX training throughput 5-41% in the bench on the 2-core CPU (benchmarks/cpu_2core*.md; README, Speed).
+# Unknown tunables are ignored by older glibc; other C libraries are left alone.
 MALLOC_TUNABLES = {
     "glibc.malloc.hugetlb": "1",
     "glibc.malloc.mmap_max": "0",

@@ -304,9 +304,7 @@ def export_model(workdir: Path, config) -> tuple[dict, dict]:
 
 
 def main(argv):
-    from resmobile_jax.cli import start_command
-
-    start_command(argv)
+    cli.start_command(argv)
     if FLAGS.seeds < 1:
         raise app.UsageError("--seeds must be at least 1")
     from configs import v1, v2

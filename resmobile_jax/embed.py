@@ -12,8 +12,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from resmobile_jax import cli
-from resmobile_jax import parallel
+from resmobile_jax import cli, parallel
 from resmobile_jax.data.pipeline import eval_batches
 from resmobile_jax.data.preprocess import Preprocess, normalize
 from resmobile_jax.data.sources import ImageSet
@@ -62,10 +61,9 @@ def embed_files(loaded, paths: list[str], input_hw: tuple[int, int], batch_size:
 
 def model_input_hw(loaded, input_size=None) -> tuple[int, int]:
     """--input_size (H or HxW) when given, else the size the model was trained at."""
-    from resmobile_jax.cli import parse_size
     from resmobile_jax.models import input_hw
 
-    return parse_size(input_size) if input_size else input_hw(loaded.config.model.input_size)
+    return cli.parse_size(input_size) if input_size else input_hw(loaded.config.model.input_size)
 
 
 def main(argv):
@@ -75,12 +73,11 @@ def main(argv):
 
     from absl import flags
 
-    from resmobile_jax.cli import start_command
     from resmobile_jax.evaluate import load_checkpoint
     from resmobile_jax.checkpoint import model_fingerprint
     from resmobile_jax.gallery import Gallery, check_output, list_images, save_gallery
 
-    start_command(argv)
+    cli.start_command(argv)
     f = flags.FLAGS
     try:
         check_output(f.out, f.overwrite)  # before any work

@@ -263,9 +263,7 @@ def format_result(r: dict) -> str:
 
 
 def main(argv):
-    from resmobile_jax.cli import start_command
-
-    start_command(argv)
+    cli.start_command(argv)
     if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
         raise app.UsageError("pass exactly one of --workdir (a training run) or --checkpoint (a converted model)")
     config = FLAGS.config

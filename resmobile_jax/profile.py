@@ -144,13 +144,11 @@ def format_table(result: dict) -> str:
 def main(argv):
     from absl import flags
 
-    from resmobile_jax.cli import parse_size, quiet_logging
-
     del argv
-    quiet_logging()
+    cli.quiet_logging()
     cfg = flags.FLAGS.config
     size = flags.FLAGS.input_size
-    result = profile_model(cfg.model, None if size == "config" else parse_size(size))
+    result = profile_model(cfg.model, None if size == "config" else cli.parse_size(size))
     print(json.dumps(result, indent=2) if flags.FLAGS.json else format_table(result))
 
 

@@ -103,9 +103,7 @@ def draw(png: str, gallery, queries, scores, neighbours) -> Path:
 
 
 def main(argv):
-    from resmobile_jax.cli import start_command
-
-    start_command(argv, accepts_arguments=True)  # the query images
+    cli.start_command(argv, accepts_arguments=True)  # the query images
     queries = argv[1:]
     try:
         gallery, _, scores, neighbours = search(FLAGS.checkpoint, FLAGS.gallery, queries, FLAGS.k, FLAGS.index,

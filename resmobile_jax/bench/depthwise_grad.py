@@ -107,9 +107,7 @@ def format_table(records) -> str:
 
 
 def main(argv):
-    from resmobile_jax.cli import start_command
-
-    start_command(argv)
+    cli.start_command(argv)
     print(format_table(measure(FLAGS.batch, budget_seconds=FLAGS.budget_seconds)))
 
 

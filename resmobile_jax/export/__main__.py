@@ -73,11 +73,10 @@ def run_export(checkpoint, out: Path | None = None, formats=None, input_size=Non
 
 
 def main(argv):
-    from resmobile_jax.cli import start_command
     from resmobile_jax.evaluate import EvaluationError
     from resmobile_jax.export.check import format_table
 
-    start_command(argv)
+    cli.start_command(argv)
     try:
         config = FLAGS.config and ml_collections.ConfigDict(FLAGS.config.to_dict())  # unlocked copy
         record = run_export(FLAGS.checkpoint, FLAGS.out, FLAGS.formats, FLAGS.input_size, FLAGS.check_images,

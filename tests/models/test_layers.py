@@ -35,14 +35,18 @@ def test_depthwise_conv_matches_torch_grouped_conv(kernel, stride, size, impl, r
     np.testing.assert_allclose(np.asarray(out), ref.numpy().transpose(0, 2, 3, 1), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kernel,stride,size", [(3, 1, (9, 7)), (3, 2, (9, 8)), (5, 1, (8, 8)), (5, 2, (11, 6)), (3, 2, (2, 3))])
+@pytest.mark.parametrize(
+    "kernel,stride,size,batch,c",
+    # 19 channels: two 8-channel SIMD vectors and a scalar tail in the C++ kernels; then two shapes of V1 at 64 px
+    [(3, 1, (9, 7), 3, 19), (3, 2, (9, 8), 3, 19), (5, 1, (8, 8), 3, 19), (5, 2, (11, 6), 3, 19), (3, 2, (2, 3), 3, 19),
+     (3, 1, (32, 32), 4, 16), (5, 2, (16, 16), 4, 72)],
+)
 @pytest.mark.parametrize("impl", ["xla", "shifted", "cpu_kernel"])
-def test_depthwise_conv_gradients_match_torch_autograd(kernel, stride, size, impl, rng):
+def test_depthwise_conv_gradients_match_torch_autograd(kernel, stride, size, batch, c, impl, rng):
     """Input and kernel gradients of every implementation (cpu_kernel's are hand-written C++) against torch."""
     import jax
 
-    c = 16  # more than one SIMD vector of channels
-    x = rng.standard_normal((3, *size, c)).astype(np.float32)
+    x = rng.standard_normal((batch, *size, c)).astype(np.float32)
     w = rng.standard_normal((kernel, kernel, 1, c)).astype(np.float32)
     y, pullback = jax.vjp(lambda x, w: layers.depthwise_conv(x, w, stride, kernel // 2, impl), jnp.asarray(x), jnp.asarray(w))
     g = rng.standard_normal(y.shape).astype(np.float32)

@@ -90,6 +90,26 @@ void ParallelSum(ffi::ThreadPool& pool, int64_t rows, int64_t size, float* out, 
   }
 }
 
+typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned, may alias float
+inline Vec8 LoadVec8(const float* p) { return *reinterpret_cast<const Vec8*>(p); }
+inline void StoreVec8(float* p, Vec8 v) { *reinterpret_cast<Vec8*>(p) = v; }
+
+// out[:C] = sum over the n taps t of a[src[t] + :C] * w[wgt[t] + :C], in tap order, 8 channels per register.
+inline void SumTaps(const float* a, const float* w, const int64_t* src, const int64_t* wgt, int64_t n, int64_t C,
+                    float* out) {
+  int64_t ch = 0;
+  for (; ch + 8 <= C; ch += 8) {
+    Vec8 acc{};
+    for (int64_t t = 0; t < n; ++t) acc += LoadVec8(a + src[t] + ch) * LoadVec8(w + wgt[t] + ch);
+    StoreVec8(out + ch, acc);
+  }
+  for (; ch < C; ++ch) {
+    float acc = 0.0f;
+    for (int64_t t = 0; t < n; ++t) acc += a[src[t] + ch] * w[wgt[t] + ch];
+    out[ch] = acc;
+  }
+}
+
 // y[b, r, q, :] = sum_ij x[b, r*S+i-P, q*S+j-P, :] * w[i, j, :]
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
@@ -101,24 +121,25 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   float* yd = y->typed_data();
   const int64_t C = g.c;
   ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    std::vector<int64_t> src(g.k * g.k), wgt(g.k * g.k);  // one pixel's in-bounds taps: input and weight offsets
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.ho, r = row % g.ho;
-      float* out = yd + row * g.wo * C;
-      std::memset(out, 0, sizeof(float) * g.wo * C);
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t hi = r * g.s + i - g.p;
-        if (hi < 0 || hi >= g.h) continue;
-        const float* xrow = xd + (b * g.h + hi) * g.w * C;
-        for (int64_t q = 0; q < g.wo; ++q) {
-          float* o = out + q * C;
+      for (int64_t q = 0; q < g.wo; ++q) {
+        // Each output pixel's channels summed in registers, 8 at a time, over its in-bounds taps in (i, j) order,
+        // and stored once (a running sum in memory cost k*k loads and stores per pixel: 16-channel layers ran at
+        // ~1.6 GB/s).
+        int64_t n = 0;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t hi = r * g.s + i - g.p;
+          if (hi < 0 || hi >= g.h) continue;
           for (int64_t j = 0; j < g.k; ++j) {
             const int64_t wi = q * g.s + j - g.p;
             if (wi < 0 || wi >= g.w) continue;
-            const float* xi = xrow + wi * C;
-            const float* wij = wd + (i * g.k + j) * C;
-            for (int64_t ch = 0; ch < C; ++ch) o[ch] += xi[ch] * wij[ch];
+            src[n] = ((b * g.h + hi) * g.w + wi) * C;
+            wgt[n++] = (i * g.k + j) * C;
           }
         }
+        SumTaps(xd, wd, src.data(), wgt.data(), n, C, yd + (row * g.wo + q) * C);
       }
     }
   });
@@ -138,26 +159,23 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ff
   float* xd = dx->typed_data();
   const int64_t C = g.c;
   ParallelFor(pool, g.n * g.h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    std::vector<int64_t> src(g.k * g.k), wgt(g.k * g.k);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.h, hi = row % g.h;
-      float* out = xd + row * g.w * C;
-      std::memset(out, 0, sizeof(float) * g.w * C);
-      for (int64_t i = 0; i < g.k; ++i) {
-        const int64_t t = hi + g.p - i;  // = r * S
-        if (t < 0 || t % g.s != 0) continue;
-        const int64_t r = t / g.s;
-        if (r >= g.ho) continue;
-        const float* grow = gd + (b * g.ho + r) * g.wo * C;
-        for (int64_t q = 0; q < g.wo; ++q) {
-          const float* gq = grow + q * C;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const int64_t wi = q * g.s + j - g.p;
-            if (wi < 0 || wi >= g.w) continue;
-            float* o = out + wi * C;
-            const float* wij = wd + (i * g.k + j) * C;
-            for (int64_t ch = 0; ch < C; ++ch) o[ch] += gq[ch] * wij[ch];
+      for (int64_t wi = 0; wi < g.w; ++wi) {
+        // As the forward pass: one input pixel's channels gathered in registers, taps in (i, q) order.
+        int64_t n = 0;
+        for (int64_t i = 0; i < g.k; ++i) {
+          const int64_t t = hi + g.p - i;  // = r * S
+          if (t < 0 || t % g.s != 0 || t / g.s >= g.ho) continue;
+          for (int64_t j = g.k - 1; j >= 0; --j) {
+            const int64_t u = wi + g.p - j;  // = q * S
+            if (u < 0 || u % g.s != 0 || u / g.s >= g.wo) continue;
+            src[n] = ((b * g.ho + t / g.s) * g.wo + u / g.s) * C;
+            wgt[n++] = (i * g.k + j) * C;
           }
         }
+        SumTaps(gd, wd, src.data(), wgt.data(), n, C, xd + (row * g.w + wi) * C);
       }
     }
   });
@@ -207,7 +225,6 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
 // multiple of 8, outputs are computed in blocks of Q pixels x 8V channels held in vector registers (GCC/Clang
 // vector extensions: AVX on x86, NEON on ARM): every weight vector loaded is used for Q pixels, and the block's
 // weights (K*K*Cin*8V floats) stay in L1. Other Cout: a plain loop.
-typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned, may alias float
 
 struct Padded {
   std::vector<float> data;

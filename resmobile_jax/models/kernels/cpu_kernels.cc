@@ -2,8 +2,8 @@
 // (resmobile_jax/models/kernels/cpu_kernels.py builds and loads this file):
 // - depthwise k x k: forward, input gradient and kernel gradient. XLA:CPU runs the kernel gradient of a depthwise
 //   convolution (k*k reductions over N*H*W) 10-30x slower than the forward pass in every formulation tried
-//   (bench.depthwise_grad); here each pass is one loop nest with channels innermost, so the C loop vectorizes and
-//   the k*k*C accumulators stay in L1.
+//   (bench.depthwise_grad). Here all three passes walk lines of pixels with channels innermost, summing in vector
+//   registers (SumLine, AddRowTap below).
 // - dense convolution with few input channels (the stems: 3 -> 16 3x3, 3 -> 64 7x7): forward and kernel gradient,
 //   output channels innermost so every tap is one broadcast multiply-add into a register-resident output vector.
 //   XLA:CPU runs these 2-8x slower than PyTorch (oneDNN).
@@ -113,12 +113,14 @@ template <typename V, int Q, bool kChecked>
 inline void SumPixels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m, int64_t ch,
                       float* out, int64_t out_stride) {
   V acc[Q] = {};
+  const int64_t step = a * C;  // from one output's input pixel to the next one's
   for (int64_t t = 0; t < n; ++t) {
     const V wv = Load<V>(taps[t].w + ch);
+    const int64_t col = a * m + taps[t].col;
+    const float* in = taps[t].in + col * C + ch;
     for (int u = 0; u < Q; ++u) {
-      const int64_t col = a * (m + u) + taps[t].col;
-      if (kChecked && (col < 0 || col >= in_w)) continue;
-      acc[u] += Load<V>(taps[t].in + col * C + ch) * wv;
+      if (kChecked && (col + a * u < 0 || col + a * u >= in_w)) continue;
+      acc[u] += Load<V>(in + u * step) * wv;
     }
   }
   for (int u = 0; u < Q; ++u) Store<V>(out + (m + u) * out_stride + ch, acc[u]);

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -108,6 +109,14 @@ struct Tap {
 template <typename V> inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V> inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 
+// [lo, hi): the outputs m in [0, count) whose input columns a*m + col_min .. a*m + col_max all lie in [0, in_w).
+inline std::pair<int64_t, int64_t> InBoundsOutputs(int64_t col_min, int64_t col_max, int64_t a, int64_t in_w,
+                                                   int64_t count) {
+  const int64_t lo = std::min(count, std::max<int64_t>(0, (-col_min + a - 1) / a));
+  const int64_t last = in_w - 1 - col_max;
+  return {lo, std::max(lo, std::min(count, last < 0 ? 0 : last / a + 1))};
+}
+
 // Channels [ch, ch + lanes(V)) of outputs m .. m+Q-1; kChecked skips taps outside [0, in_w).
 template <typename V, int Q, bool kChecked>
 inline void SumPixels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m, int64_t ch,
@@ -144,10 +153,7 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
     col_min = t == 0 ? taps[t].col : std::min(col_min, taps[t].col);
     col_max = t == 0 ? taps[t].col : std::max(col_max, taps[t].col);
   }
-  // [m_lo, m_hi): every tap in bounds, i.e. a*m + col_min >= 0 and a*m + col_max <= in_w - 1.
-  const int64_t m_lo = std::min(count, std::max<int64_t>(0, (-col_min + a - 1) / a));
-  const int64_t limit = in_w - 1 - col_max;
-  const int64_t m_hi = std::max(m_lo, std::min(count, limit < 0 ? 0 : limit / a + 1));
+  const auto [m_lo, m_hi] = InBoundsOutputs(col_min, col_max, a, in_w, count);  // every tap in bounds
   constexpr int Q = 4;
   int64_t m = 0;
   for (; m < m_lo; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
@@ -219,9 +225,9 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ff
 }
 
 // dw[i, j, :] = sum_{b, r, q} x[b, r*S+i-P, q*S+j-P, :] * dy[b, r, q, :]. For each output row and tap, the sum
-// over q runs in a vector register and is added once into the chunk's k*k*C accumulator (a per-row partial sum,
-// so long reductions keep their precision); the chunks' accumulators are added at the end in a fixed order, so the
-// result does not depend on thread timing.
+// over q runs in vector registers, 8 outputs at a time, and those partial sums go into the chunk's k*k*C
+// accumulator (so long reductions keep their precision); the chunks' accumulators are added at the end in a fixed
+// order, so the result does not depend on thread timing.
 template <typename V>
 inline void AddRowTap(const float* xrow, const float* grow, int64_t C, int64_t s, int64_t col0, int64_t q_lo,
                       int64_t q_hi, int64_t ch, float* total) {
@@ -247,11 +253,8 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
         if (hi < 0 || hi >= g.h) continue;
         const float* xrow = xd + (b * g.h + hi) * g.w * C;
         for (int64_t j = 0; j < g.k; ++j) {
-          // q with 0 <= q*S + j - P < W
           const int64_t col0 = j - g.p;
-          const int64_t q_lo = std::min(g.wo, std::max<int64_t>(0, (-col0 + g.s - 1) / g.s));
-          const int64_t last = g.w - 1 - col0;
-          const int64_t q_hi = std::max(q_lo, std::min(g.wo, last < 0 ? 0 : last / g.s + 1));
+          const auto [q_lo, q_hi] = InBoundsOutputs(col0, col0, g.s, g.w, g.wo);  // 0 <= q*S + j - P < W
           float* tap_total = total + (i * g.k + j) * C;
           // 8 outputs at a time, all channels of them, then the next 8: contiguous reads, one add into the
           // accumulator per 8 products.

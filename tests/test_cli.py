@@ -1,5 +1,5 @@
 """cli.run: the entry points re-execute themselves once with the glibc malloc tunables, keeping argv and the user's
-own tunables, and not at all when opted out."""
+own tunables, and not at all when opted out; they add the project's XLA:CPU flags to XLA_FLAGS the same way."""
 
 import os
 import platform
@@ -23,6 +23,12 @@ flags.DEFINE_integer("n", 0, "")
 def main(argv):
     print(os.getpid(), repr(os.environ.get("GLIBC_TUNABLES")), flags.FLAGS.n, argv[1:], sep="|")
     print(heap_growth_from_a_256mb_malloc())
+    print(repr(os.environ.get("XLA_FLAGS")), matmul_runs_on_ynnpack(), sep="|")
+def matmul_runs_on_ynnpack():
+    # What XLA did with the flags: the compiled program names the library each dot runs on.
+    import jax, jax.numpy as jnp
+    a = jnp.ones((256, 256), jnp.float32)
+    return "ynn_fusion" in jax.jit(lambda a: a @ a).lower(a).compile().as_text()
 def heap_growth_from_a_256mb_malloc():
     # What glibc did with the tunables: with mmap_max=0 a big block comes from the brk heap, not a fresh mapping.
     import ctypes
@@ -43,15 +49,17 @@ cli.run(main)
 def run_program(tmp_path, env_overrides, *args):
     script = tmp_path / "entry.py"
     script.write_text(PROGRAM)
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "RESMOBILE_MALLOC", cli._REEXEC_MARK)}
+    ours = ("GLIBC_TUNABLES", "RESMOBILE_MALLOC", cli._REEXEC_MARK, "XLA_FLAGS", "RESMOBILE_XLA_FLAGS")
+    env = {k: v for k, v in os.environ.items() if k not in ours}
     env.update(env_overrides, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    pid, tunables, n, argv = out.strip().splitlines()[-2].split("|")
-    heap_malloc = out.strip().splitlines()[-1]
+    pid, tunables, n, argv = out.strip().splitlines()[-3].split("|")
+    heap_malloc = out.strip().splitlines()[-2]
+    xla_flags, ynn = out.strip().splitlines()[-1].split("|")
     return {"same_pid": int(pid) == proc.pid, "tunables": eval(tunables), "n": int(n), "argv": argv,
-            "heap_malloc": heap_malloc == "True"}
+            "heap_malloc": heap_malloc == "True", "xla_flags": eval(xla_flags), "ynn_dots": ynn == "True"}
 
 
 @glibc_only
@@ -79,3 +87,20 @@ def test_opt_out_and_already_tuned_environments_run_unchanged(tmp_path):
     assert not r["heap_malloc"]  # glibc's default: a big block is a fresh mmap, page-faulted in on every use
     assert cli.malloc_tunables_env({"GLIBC_TUNABLES": OURS}) is None
     assert cli.malloc_tunables_env({cli._REEXEC_MARK: "1"}) is None  # never a second re-exec, whatever glibc did
+
+
+YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+
+
+def test_entry_point_adds_the_xla_flags_and_xla_applies_them(tmp_path):
+    r = run_program(tmp_path, {"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"})
+    assert r["xla_flags"] == f"--xla_cpu_enable_fast_math=false {YNN_FLAG}=-individual_dot"
+    assert not r["ynn_dots"]  # set before JAX started its backend, so XLA compiled the dot without YNNPACK
+
+
+def test_user_xla_flag_wins_and_opt_out_leaves_xla_flags_alone(tmp_path):
+    r = run_program(tmp_path, {"XLA_FLAGS": f"{YNN_FLAG}=+individual_dot"})
+    assert r["xla_flags"] == f"{YNN_FLAG}=+individual_dot" and r["ynn_dots"]
+    r = run_program(tmp_path, {"RESMOBILE_XLA_FLAGS": "default"})
+    assert r["xla_flags"] is None
+    assert r["ynn_dots"]  # jaxlib's default: each dot is a YNNPACK call; the test above sees the flag change that

@@ -47,6 +47,7 @@ class InvertedResidual(nnx.Module):
         *,
         depthwise_impl: DepthwiseImpl = "auto",
         pointwise_impl: PointwiseImpl = "matmul",
+        fuse_eval_bn: bool = True,
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
@@ -59,7 +60,7 @@ class InvertedResidual(nnx.Module):
         self.expand = ConvBNAct(spec.in_channels, spec.expanded, 1, activation=act, **kw) if spec.expanded != spec.in_channels else None
         self.depthwise = ConvBNAct(
             spec.expanded, spec.expanded, spec.kernel, stride=spec.stride, depthwise=True, activation=act,
-            depthwise_impl=depthwise_impl, **kw,
+            depthwise_impl=depthwise_impl, fuse_eval_bn=fuse_eval_bn, **kw,
         )
         self.se = (
             SqueezeExcitation(spec.expanded, make_divisible(spec.expanded // 4, 8), dtype=dtype, param_dtype=param_dtype, rng=rng)

@@ -203,10 +203,16 @@ class BatchNorm(nnx.Module):
             self.mean[...] = m * self.mean[...] + (1.0 - m) * mean
             self.var[...] = m * self.var[...] + (1.0 - m) * unbiased_var
             self.num_batches_tracked[...] = self.num_batches_tracked[...] + 1
-        # Fold into one multiply-add, as PyTorch's CPU kernel does.
-        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(jnp.float32)
-        shift = self.bias[...].astype(jnp.float32) - mean * inv
+        inv, shift = self.folded_affine(mean, var)
         return (x.astype(jnp.float32) * inv + shift).astype(dtype)
+
+    def folded_affine(self, mean: Array | None = None, var: Array | None = None) -> tuple[Array, Array]:
+        """(scale, shift), float32, with BN(x) = x * scale + shift: one multiply-add, as PyTorch's CPU kernel does.
+        Without arguments, from the running statistics (eval mode)."""
+        mean = self.mean[...] if mean is None else mean
+        var = self.var[...] if var is None else var
+        inv = jax.lax.rsqrt(var + self.epsilon) * self.scale[...].astype(jnp.float32)
+        return inv, self.bias[...].astype(jnp.float32) - mean * inv
 
 
 def _conv(x: Array, w: Array, stride: int, padding: int) -> Array:
@@ -280,13 +286,16 @@ class Conv(nnx.Module):
         self.kernel = nnx.Param(conv_init(rng, (kernel_size, kernel_size, in_channels, out_channels), param_dtype))
         self.bias = nnx.Param(jnp.asarray(np.zeros((out_channels,)), param_dtype)) if use_bias else None
 
+    def uses_cpu_kernel(self, dtype) -> bool:
+        return not self.pointwise_matmul and (
+            self.stem_conv_impl == "cpu_kernel" or (self.stem_conv_impl == "auto" and cpu_kernels_apply(dtype)))
+
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
         x, w = x.astype(dtype), self.kernel[...].astype(dtype)
-        stem_kernel = self.stem_conv_impl == "cpu_kernel" or (self.stem_conv_impl == "auto" and cpu_kernels_apply(dtype))
         if self.pointwise_matmul:
             y = pointwise_matmul(x, w, self.stride)
-        elif stem_kernel:
+        elif self.uses_cpu_kernel(dtype):
             if dtype != jnp.float32:
                 raise ValueError(f"stem_conv_impl='cpu_kernel' computes in float32, got {dtype}; use 'auto' or 'xla'")
             y = cpu_kernels.dense_conv(x, w, self.stride, self.padding)
@@ -338,11 +347,16 @@ class DepthwiseConv(nnx.Module):
         self.dtype = dtype
         self.kernel = nnx.Param(conv_init(rng, (kernel_size, kernel_size, 1, channels), param_dtype))
 
+    def resolved_impl(self, dtype) -> str:
+        return default_depthwise_impl(dtype) if self.impl == "auto" else self.impl
+
+    def uses_cpu_kernel(self, dtype) -> bool:
+        return self.resolved_impl(dtype) == "cpu_kernel"
+
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
         x, w = x.astype(dtype), self.kernel[...].astype(dtype)
-        impl = default_depthwise_impl(dtype) if self.impl == "auto" else self.impl
-        return depthwise_conv(x, w, self.stride, self.padding, impl)
+        return depthwise_conv(x, w, self.stride, self.padding, self.resolved_impl(dtype))
 
 
 def depthwise_conv(x: Array, w: Array, stride: int, padding: int, impl: str) -> Array:
@@ -368,8 +382,36 @@ def depthwise_conv(x: Array, w: Array, stride: int, padding: int, impl: str) -> 
     return out
 
 
+def _unfused_conv_bn_act(depthwise, activation, stride, padding, x, w, scale, shift):
+    conv = cpu_kernels.depthwise_conv if depthwise else cpu_kernels.dense_conv
+    return ACTIVATIONS[activation](conv(x, w, stride, padding) * scale + shift)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def conv_bn_act_kernel(depthwise: bool, activation: str, stride: int, padding: int, x, w, scale, shift):
+    """act(conv(x, w) * scale + shift) as one C++ kernel call (eval-mode BatchNorm folded into scale and shift):
+    XLA cannot fuse into a custom call, so unfused the BN and activation are one more pass over the output in memory.
+    Differentiable (frozen-BN fine-tuning): the backward pass recomputes the unfused form and takes its gradient."""
+    return cpu_kernels.conv_bn_act_forward(x, w, scale, shift, activation, stride, padding, depthwise=depthwise)
+
+
+def _conv_bn_act_fwd(depthwise, activation, stride, padding, x, w, scale, shift):
+    return conv_bn_act_kernel(depthwise, activation, stride, padding, x, w, scale, shift), (x, w, scale, shift)
+
+
+def _conv_bn_act_bwd(depthwise, activation, stride, padding, residuals, g):
+    unfused = functools.partial(_unfused_conv_bn_act, depthwise, activation, stride, padding)
+    return jax.vjp(unfused, *residuals)[1](g)
+
+
+conv_bn_act_kernel.defvjp(_conv_bn_act_fwd, _conv_bn_act_bwd)
+
+
 class ConvBNAct(nnx.Module):
-    """torchvision's Conv2dNormActivation: conv (dense or depthwise, no bias) -> BatchNorm -> activation."""
+    """torchvision's Conv2dNormActivation: conv (dense or depthwise, no bias) -> BatchNorm -> activation.
+
+    In eval mode with a C++ conv kernel (and `fuse_eval_bn`), the three run as one kernel call (conv_bn_act_kernel).
+    """
 
     def __init__(
         self,
@@ -384,10 +426,12 @@ class ConvBNAct(nnx.Module):
         depthwise_impl: DepthwiseImpl = "auto",
         pointwise_impl: PointwiseImpl = "matmul",
         stem_conv_impl: StemConvImpl = "auto",
+        fuse_eval_bn: bool = True,
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
+        self.fuse_eval_bn = fuse_eval_bn
         if depthwise:
             assert in_channels == out_channels, "depthwise convs keep the channel count"
             self.conv = DepthwiseConv(
@@ -402,6 +446,13 @@ class ConvBNAct(nnx.Module):
         self.activation = activation
 
     def __call__(self, x: Array) -> Array:
+        dtype = self.conv.dtype or x.dtype  # not float32: the unfused path says what is wrong with "cpu_kernel"
+        fused = self.fuse_eval_bn and self.bn.use_running_average and dtype == jnp.float32
+        if fused and self.conv.uses_cpu_kernel(dtype):
+            scale, shift = self.bn.folded_affine()
+            depthwise = isinstance(self.conv, DepthwiseConv)
+            return conv_bn_act_kernel(depthwise, self.activation, self.conv.stride, self.conv.padding,
+                                      x.astype(dtype), self.conv.kernel[...].astype(dtype), scale, shift)
         return ACTIVATIONS[self.activation](self.bn(self.conv(x)))
 
 

@@ -15,9 +15,10 @@ class MobileNetStem(nnx.Module):
     out_channels = 16
     stride = 2
 
-    def __init__(self, *, conv_impl: StemConvImpl = "auto", dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+    def __init__(self, *, conv_impl: StemConvImpl = "auto", fuse_eval_bn: bool = True, dtype=None, param_dtype=jnp.float32,
+                 rng: np.random.Generator):
         self.conv_bn_act = ConvBNAct(
-            3, 16, 3, stride=2, activation="hardswish", bn=MOBILENET_BN, stem_conv_impl=conv_impl, dtype=dtype,
+            3, 16, 3, stride=2, activation="hardswish", bn=MOBILENET_BN, stem_conv_impl=conv_impl, fuse_eval_bn=fuse_eval_bn, dtype=dtype,
             param_dtype=param_dtype, rng=rng,
         )
 
@@ -31,9 +32,10 @@ class ResNetStem(nnx.Module):
     out_channels = 64
     stride = 4
 
-    def __init__(self, *, conv_impl: StemConvImpl = "auto", dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+    def __init__(self, *, conv_impl: StemConvImpl = "auto", fuse_eval_bn: bool = True, dtype=None, param_dtype=jnp.float32,
+                 rng: np.random.Generator):
         self.conv_bn_act = ConvBNAct(
-            3, 64, 7, stride=2, activation="relu", bn=RESNET_BN, stem_conv_impl=conv_impl, dtype=dtype,
+            3, 64, 7, stride=2, activation="relu", bn=RESNET_BN, stem_conv_impl=conv_impl, fuse_eval_bn=fuse_eval_bn, dtype=dtype,
             param_dtype=param_dtype, rng=rng,
         )
 

@@ -166,6 +166,67 @@ def test_stem_conv_gradients_match_torch(kernel, stride, size, rng):
     np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-4, atol=1e-4)
 
 
+TORCH_ACTIVATIONS = {"relu": torch.nn.ReLU, "hardswish": torch.nn.Hardswish, "identity": torch.nn.Identity}
+
+
+@pytest.mark.parametrize(
+    "in_c,out_c,kernel,stride,size,activation",
+    # depthwise (19 channels: SIMD vectors and a scalar tail), then the two stems' dense convs
+    [(19, 19, 3, 1, 9, "relu"), (19, 19, 5, 2, 11, "hardswish"), (19, 19, 3, 2, 8, "identity"),
+     (3, 16, 3, 2, 17, "hardswish"), (3, 64, 7, 2, 19, "relu")],
+)
+def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kernel, stride, size, activation, rng):
+    """Eval mode with the C++ kernels: conv, BatchNorm (running statistics) and activation in one kernel call; output
+    and every gradient (frozen-BN fine-tuning differentiates it) against torch's Conv2d -> BatchNorm2d -> act."""
+    import jax
+    from flax import nnx
+
+    depthwise = in_c == out_c
+    block = layers.ConvBNAct(in_c, out_c, kernel, stride=stride, depthwise=depthwise, activation=activation,
+                             bn=layers.MOBILENET_BN, rng=np.random.default_rng(0))
+    tconv = torch.nn.Conv2d(in_c, out_c, kernel, stride, kernel // 2, groups=in_c if depthwise else 1, bias=False)
+    tbn = torch.nn.BatchNorm2d(out_c, eps=layers.MOBILENET_BN["epsilon"])
+    with torch.no_grad():
+        tconv.weight.copy_(torch.from_numpy(np.asarray(block.conv.kernel[...]).transpose(3, 2, 0, 1).copy()))
+        for name, param in [("weight", block.bn.scale), ("bias", block.bn.bias)]:
+            getattr(tbn, name).copy_(torch.from_numpy(rng.standard_normal(out_c).astype(np.float32)))
+            param[...] = jnp.asarray(getattr(tbn, name).detach().numpy())
+        tbn.running_mean.copy_(torch.from_numpy(rng.standard_normal(out_c).astype(np.float32)))
+        tbn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2.0, out_c).astype(np.float32)))
+    block.bn.mean[...] = jnp.asarray(tbn.running_mean.numpy())
+    block.bn.var[...] = jnp.asarray(tbn.running_var.numpy())
+    block.eval()
+    tbn.eval()
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+    def forward(params, x):
+        return nnx.merge(graphdef, params, rest)(x)
+
+    x = rng.standard_normal((2, size, size, in_c)).astype(np.float32)
+    target = "resmobile_depthwise_forward_bn_act" if depthwise else "resmobile_dense_conv_forward_bn_act"
+    lowered = jax.jit(forward).lower(params, jnp.asarray(x)).as_text()
+    assert target in lowered and "resmobile_depthwise_forward\"" not in lowered  # one call, the fused one
+
+    y, pullback = jax.vjp(forward, params, jnp.asarray(x))
+    g = rng.standard_normal(y.shape).astype(np.float32)
+    dparams, dx = jax.jit(pullback)(jnp.asarray(g))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = TORCH_ACTIVATIONS[activation]()(tbn(tconv(xt)))
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dparams["conv"]["kernel"][...]),
+                               tconv.weight.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dparams["bn"]["scale"][...]), tbn.weight.grad.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dparams["bn"]["bias"][...]), tbn.bias.grad.numpy(), rtol=1e-4, atol=1e-3)
+
+    block.fuse_eval_bn = False  # the unfused path computes the same function
+    unfused_graphdef = nnx.split(block, nnx.Param, ...)[0]
+    unfused = jax.jit(lambda p, x: nnx.merge(unfused_graphdef, p, rest)(x)).lower(params, jnp.asarray(x))
+    assert target not in unfused.as_text()
+    np.testing.assert_allclose(np.asarray(unfused.compile()(params, jnp.asarray(x))), np.asarray(y), rtol=1e-5, atol=1e-5)
+
+
 def test_activations_match_torch(rng):
     x = np.linspace(-5, 5, 1001).astype(np.float32)
     t = torch.from_numpy(x)

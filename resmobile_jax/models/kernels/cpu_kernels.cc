@@ -7,6 +7,9 @@
 // - dense convolution with few input channels (the stems: 3 -> 16 3x3, 3 -> 64 7x7): forward and kernel gradient,
 //   output channels innermost so every tap is one broadcast multiply-add into a register-resident output vector.
 //   XLA:CPU runs these 2-8x slower than PyTorch (oneDNN).
+// - both forward passes also come with an eval-mode epilogue, y = act(y * scale + shift) (BatchNorm with running
+//   statistics folded into scale and shift, then ReLU / Hardswish), applied to each output row while it is in cache:
+//   XLA cannot fuse anything into a custom call, so otherwise that is one more pass over the output in memory.
 //
 // Layouts: x (N, H, W, C), depthwise w (K, K, C) (the model's (K, K, 1, C) kernel, flattened), dense w
 // (K, K, Cin, Cout), y (N, Ho, Wo, C), Ho = (H + 2P - K) / S + 1. Tap (i, j) of output (r, q) reads input
@@ -162,10 +165,63 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
   for (; m < count; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
 }
 
+// The eval-mode epilogue: y = act(y * scale[c] + shift[c]) over `pixels` x C values, in place. The same float32
+// operations as the model's BatchNorm and activations (layers.py), so only rounding (an FMA) differs.
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kHardswish = 2 };
+
+struct Epilogue {
+  const float* scale = nullptr;  // nullptr: no epilogue (training, or the plain forward pass)
+  const float* shift = nullptr;
+  int64_t activation = kIdentity;
+};
+
+// In vector registers explicitly (Vec8, then a scalar tail): GCC left the Hardswish form as a scalar loop with
+// branches, 6x slower than XLA's own pass over memory.
+template <int64_t kAct, typename V>
+inline V Activate(V t) {
+  if constexpr (kAct == kRelu) return t > V{} ? t : V{};
+  if constexpr (kAct == kHardswish) {
+    const V six = V{} + 6.0f;
+    V u = t + 3.0f;
+    u = u > V{} ? u : V{};
+    u = u < six ? u : six;
+    return t * (u / 6.0f);
+  }
+  return t;
+}
+
+template <int64_t kAct>
+void ApplyEpilogue(const Epilogue& e, float* y, int64_t pixels, int64_t C) {
+  for (int64_t m = 0; m < pixels; ++m) {
+    float* v = y + m * C;
+    int64_t c = 0;
+    for (; c + 8 <= C; c += 8)
+      Store<Vec8>(v + c, Activate<kAct>(Load<Vec8>(v + c) * Load<Vec8>(e.scale + c) + Load<Vec8>(e.shift + c)));
+    for (; c < C; ++c) v[c] = Activate<kAct>(v[c] * e.scale[c] + e.shift[c]);
+  }
+}
+
+void ApplyEpilogue(const Epilogue& e, float* y, int64_t pixels, int64_t C) {
+  if (e.scale == nullptr) return;
+  if (e.activation == kRelu) ApplyEpilogue<kRelu>(e, y, pixels, C);
+  else if (e.activation == kHardswish) ApplyEpilogue<kHardswish>(e, y, pixels, C);
+  else ApplyEpilogue<kIdentity>(e, y, pixels, C);
+}
+
+ffi::Error MakeEpilogue(ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift, int64_t activation, int64_t c,
+                        Epilogue* e) {
+  if (scale.element_count() != static_cast<size_t>(c) || shift.element_count() != static_cast<size_t>(c))
+    return ffi::Error::InvalidArgument("conv epilogue: scale and shift need one value per output channel");
+  if (activation < kIdentity || activation > kHardswish)
+    return ffi::Error::InvalidArgument("conv epilogue: activation must be 0 (identity), 1 (relu) or 2 (hardswish)");
+  *e = {scale.typed_data(), shift.typed_data(), activation};
+  return ffi::Error::Success();
+}
+
 // y[b, r, q, :] = sum_ij x[b, r*S+i-P, q*S+j-P, :] * w[i, j, :]: output row (b, r) is one line, a = S, taps (i, j)
 // in order with col = j - P.
-ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
+ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Epilogue& epi) {
   Geometry g;
   int64_t k = w.dimensions()[0];
   if (auto e = MakeGeometry(x, k, stride, padding, &g); e.failure()) return e;
@@ -184,9 +240,23 @@ ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
         for (int64_t j = 0; j < g.k; ++j) taps[n++] = {xd + (b * g.h + hi) * g.w * C, wd + (i * g.k + j) * C, j - g.p};
       }
       SumLine(taps.data(), n, g.s, g.w, C, g.wo, yd + row * g.wo * C, C);
+      ApplyEpilogue(epi, yd + row * g.wo * C, g.wo, C);
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                            ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
+  return DepthwiseForwardWith(pool, x, w, y, stride, padding, Epilogue{});
+}
+
+ffi::Error DepthwiseForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                                 ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, int64_t activation) {
+  Epilogue epi;
+  if (auto e = MakeEpilogue(scale, shift, activation, x.dimensions().back(), &epi); e.failure()) return e;
+  return DepthwiseForwardWith(pool, x, w, y, stride, padding, epi);
 }
 
 // dx[b, hi, wi, :] = sum over the (r, q, i, j) with r*S+i-P = hi, q*S+j-P = wi of dy[b, r, q, :] * w[i, j, :]: a
@@ -360,8 +430,8 @@ void DenseForwardRows(const Geometry& g, int64_t co, const Padded& xp, const flo
   }
 }
 
-ffi::Error DenseConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                            ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
+ffi::Error DenseConvForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Epilogue& epi) {
   Geometry g;
   auto wdim = w.dimensions();
   if (wdim.size() != 4) return ffi::Error::InvalidArgument("dense_conv: kernel must be (K, K, Cin, Cout)");
@@ -371,12 +441,28 @@ ffi::Error DenseConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::
   float* yd = y->typed_data();
   const Padded xp = PadInput(pool, g, x.typed_data());
   ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
-    if (co % 32 == 0) DenseForwardBlocked<4, 3>(g, co, xp, wd, yd, begin, end);
-    else if (co % 16 == 0) DenseForwardBlocked<2, 6>(g, co, xp, wd, yd, begin, end);
-    else if (co % 8 == 0) DenseForwardBlocked<1, 8>(g, co, xp, wd, yd, begin, end);
-    else DenseForwardRows(g, co, xp, wd, yd, begin, end);
+    for (int64_t row = begin; row < end; ++row) {  // one output row at a time, so the epilogue finds it in cache
+      if (co % 32 == 0) DenseForwardBlocked<4, 3>(g, co, xp, wd, yd, row, row + 1);
+      else if (co % 16 == 0) DenseForwardBlocked<2, 6>(g, co, xp, wd, yd, row, row + 1);
+      else if (co % 8 == 0) DenseForwardBlocked<1, 8>(g, co, xp, wd, yd, row, row + 1);
+      else DenseForwardRows(g, co, xp, wd, yd, row, row + 1);
+      ApplyEpilogue(epi, yd + row * g.wo * co, g.wo, co);
+    }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error DenseConvForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                            ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
+  return DenseConvForwardWith(pool, x, w, y, stride, padding, Epilogue{});
+}
+
+ffi::Error DenseConvForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                 ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                                 ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, int64_t activation) {
+  Epilogue epi;
+  if (auto e = MakeEpilogue(scale, shift, activation, w.dimensions().back(), &epi); e.failure()) return e;
+  return DenseConvForwardWith(pool, x, w, y, stride, padding, epi);
 }
 
 // dw[i, j, c, :] = sum_{b, r, q} x[b, r*S+i-P, q*S+j-P, c] * dy[b, r, q, :], accumulated per chunk of output rows
@@ -470,6 +556,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForward, DepthwiseForward, TwoIn
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseKernelGrad, DepthwiseKernelGrad, TwoInputs());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForward, DenseConvForward, TwoInputs());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvKernelGrad, DenseConvKernelGrad, TwoInputs());
+// The forward passes with the eval-mode epilogue: x, w, scale, shift; the activation's code as an attribute.
+static auto ForwardBnAct() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>()
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("padding")
+      .Attr<int64_t>("activation");
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForwardBnAct, DepthwiseForwardBnAct, ForwardBnAct());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnAct, DenseConvForwardBnAct, ForwardBnAct());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseInputGrad, DepthwiseInputGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

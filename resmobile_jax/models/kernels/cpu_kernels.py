@@ -1,5 +1,6 @@
 """Hand-written XLA:CPU convolution kernels (custom calls), built on first use: the depthwise convolution (forward,
-input and kernel gradients) and the stems' few-input-channel dense convolution (forward and kernel gradient).
+input and kernel gradients) and the stems' few-input-channel dense convolution (forward and kernel gradient); both
+forward passes also with eval-mode BatchNorm and the activation applied in the same pass (`conv_bn_act_forward`).
 
 XLA:CPU spends 10-30x the forward pass on a depthwise convolution's kernel gradient whatever form it is written in
 (`python -m resmobile_jax.bench.depthwise_grad`), which made JAX training ~3.5x slower than PyTorch at 224 px, and
@@ -37,7 +38,10 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_depthwise_kernel_grad": "ResmobileDepthwiseKernelGrad",
     "resmobile_dense_conv_forward": "ResmobileDenseConvForward",
     "resmobile_dense_conv_kernel_grad": "ResmobileDenseConvKernelGrad",
+    "resmobile_depthwise_forward_bn_act": "ResmobileDepthwiseForwardBnAct",
+    "resmobile_dense_conv_forward_bn_act": "ResmobileDenseConvForwardBnAct",
 }
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
 COMPILE_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
 
@@ -126,10 +130,11 @@ def _output_hw(x_shape, k: int, stride: int, padding: int) -> tuple[int, int]:
     return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
 
 
-def _call(target: str, out_shape, *args, stride: int, padding: int):
+def _call(target: str, out_shape, *args, stride: int, padding: int, **attributes: int):
     # "sequential": under vmap, one call per example (correct, not fast; the model is never vmapped).
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
-    return call(*args, stride=np.int64(stride), padding=np.int64(padding))
+    return call(*args, stride=np.int64(stride), padding=np.int64(padding),
+                **{k: np.int64(v) for k, v in attributes.items()})
 
 
 def _forward(x, w, stride, padding):
@@ -201,3 +206,16 @@ def _dense_bwd(stride, padding, residuals, g):
 
 
 _dense_conv.defvjp(_dense_fwd, _dense_bwd)
+
+
+def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, padding: int, *, depthwise: bool):
+    """act(conv(x, w) * scale + shift) in one kernel call: eval-mode BatchNorm (scale and shift per output channel,
+    float32) and the activation applied to each output row as it is produced. Forward only; its gradient is
+    layers.conv_bn_act_kernel's."""
+    require()
+    k, cout = w.shape[0], w.shape[-1]
+    ho, wo = _output_hw(x.shape, k, stride, padding)
+    args = (x, w.reshape(k, k, cout) if depthwise else w, scale.astype(jnp.float32), shift.astype(jnp.float32))
+    target = "resmobile_depthwise_forward_bn_act" if depthwise else "resmobile_dense_conv_forward_bn_act"
+    return _call(target, (x.shape[0], ho, wo, cout), *args, stride=stride, padding=padding,
+                 activation=ACTIVATION_CODES[activation])

@@ -112,3 +112,47 @@ def test_op_table_reads_the_ops_of_a_real_trace(tmp_path):
     assert "| op kind | ms | share |" in table and "ms in all" in table
     with pytest.raises(FileNotFoundError, match="no .*xplane.pb trace"):
         trace_ops.op_times(str(tmp_path / "empty"), steps=1)
+
+
+def test_ab_interleaves_the_two_settings_and_reports_their_ratio():
+    from resmobile_jax.bench.ab import interleaved_medians, parse_value, report
+
+    order = []
+    calls = {"A": lambda: order.append("A"), "B": lambda: order.append("B")}
+    times = interleaved_medians(calls, rounds=3, per_round=2, warmup=1)
+    assert order == ["A", "B"] + ["A", "A", "B", "B", "B", "B", "A", "A", "A", "A", "B", "B"]  # warm-up, then alternating
+    assert len(times["A"]) == len(times["B"]) == 6
+    table = report("opt", {"A": [2.0, 2.0], "B": [1.0, 1.0]}, "title")
+    assert "| B | 1.00 | 1.00-1.00 | 2 | 0.500x |" in table
+    assert parse_value("True") is True and parse_value("shifted") == "shifted" and parse_value("3") == 3
+
+
+def test_ab_command_end_to_end():
+    """Two depthwise implementations of V1 at 32 px: both compiled and timed in one process; a key config.model
+    does not have is refused by name."""
+    cmd = [sys.executable, "-m", "resmobile_jax.bench.ab", "--option", "depthwise_impl", "--values", "shifted,cpu_kernel",
+           "--variant", "v1", "--size", "32", "--batch", "2", "--rounds", "2", "--calls", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| shifted |" in out.stdout and "| cpu_kernel |" in out.stdout and "1.000x" in out.stdout
+    bad = subprocess.run(cmd[:4] + ["fuse_bn"] + cmd[5:], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "unknown model option 'fuse_bn'" in bad.stderr
+
+
+def test_trace_coverage_counts_overlapping_ops_once(tmp_path):
+    """The step span and the time inside op events, from a real trace: covered never exceeds the span, and the
+    table names both."""
+    import jax
+    import jax.numpy as jnp
+
+    from resmobile_jax.bench import trace_ops
+
+    program = jax.jit(lambda a: jnp.tanh(a @ a).sum())
+    a = jnp.ones((512, 512))
+    jax.block_until_ready(program(a))
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(3):
+            jax.block_until_ready(program(a))
+    wall, covered = trace_ops.coverage(str(tmp_path), steps=3)
+    assert 0 < covered <= wall
+    assert f"Step span {wall:.0f} ms" in trace_ops.op_table(str(tmp_path), steps=3)

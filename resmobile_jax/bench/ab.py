@@ -1,0 +1,132 @@
+"""python -m resmobile_jax.bench.ab: one model setting against another, in one process, calls interleaved.
+
+    python -m resmobile_jax.bench.ab --option fuse_eval_bn --values False,True --mode eval --variant v1 --size 224
+
+On a shared 2-core machine two separate runs of the same program differ by 20-40%; a few percent from one setting
+shows only when both run in the same process, on the same inputs, alternating (A B, B A, ...). Both programs are
+compiled first; then each round times `--calls` calls of each, and the medians are compared. `--option` is any
+`config.model` key (fuse_eval_bn, depthwise_impl, stem_conv_impl, pointwise_impl, ...); XLA flags cannot differ
+within one process (compare those with two `bench` runs).
+"""
+
+from __future__ import annotations
+
+import ast
+import time
+
+import jax
+import numpy as np
+from absl import flags
+
+from resmobile_jax import cli
+
+FLAGS = flags.FLAGS
+
+
+def parse_value(text: str):
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text  # a plain string such as shifted
+
+
+def _config(variant: str, size: int, option: str, value):
+    from resmobile_jax.bench.jax_side import bench_config
+
+    config = bench_config(variant, size, "float32")
+    if option not in config.model:
+        raise ValueError(f"unknown model option {option!r}; config.model has {', '.join(sorted(config.model))}")
+    config.model[option] = value
+    return config
+
+
+def eval_call(config, batch: int):
+    """A function running one embed call (compiled here) to completion."""
+    from resmobile_jax import parallel
+    from resmobile_jax.embed import make_embed_fn
+    from resmobile_jax.models import build_model
+    from resmobile_jax.train.state import split_model
+
+    model = build_model(config.model)
+    model.eval()
+    graphdef, params, batch_stats = split_model(model)
+    size = int(config.model.input_size)
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    embed = make_embed_fn(graphdef, jax.numpy.dtype(config.model.dtype), parallel.data_mesh())
+    compiled = embed.lower(params, batch_stats, images).compile()
+    return lambda: jax.block_until_ready(compiled(params, batch_stats, images))
+
+
+def train_call(config, batch: int):
+    """A function running one train step (compiled here, state donated from step to step) to completion."""
+    from resmobile_jax.bench.jax_side import train_setup
+
+    step, state, data = train_setup(config, batch)
+    compiled = step.lower(state, data).compile()
+    holder = [state]
+
+    def call():
+        holder[0], metrics = compiled(holder[0], data)
+        jax.block_until_ready((holder[0], metrics))
+
+    return call
+
+
+def interleaved_medians(calls: dict, rounds: int, per_round: int, warmup: int = 2) -> dict[str, list[float]]:
+    """{name: times in ms}: every call warmed up, then `rounds` rounds of `per_round` calls of each, the order
+    reversed every other round so neither setting always runs first."""
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    names = list(calls)
+    times = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            for _ in range(per_round):
+                t = time.perf_counter()
+                calls[name]()
+                times[name].append((time.perf_counter() - t) * 1e3)
+    return times
+
+
+def report(option: str, times: dict[str, list[float]], title: str) -> str:
+    names = list(times)
+    base = float(np.median(times[names[0]]))
+    lines = [f"{title}", "", f"| {option} | median ms | p10-p90 ms | calls | vs {names[0]} |", "|---|---:|---:|---:|---:|"]
+    for name in names:
+        t = np.asarray(times[name])
+        lines.append(f"| {name} | {np.median(t):.2f} | {np.percentile(t, 10):.2f}-{np.percentile(t, 90):.2f} | "
+                     f"{len(t)} | {np.median(t) / base:.3f}x |")
+    return "\n".join(lines)
+
+
+def main(argv):
+    cli.start_command(argv)
+    if len(FLAGS.values) != 2:
+        raise ValueError(f"--values takes two values, got {FLAGS.values}")
+    make = eval_call if FLAGS.mode == "eval" else train_call
+    calls = {}
+    for text in FLAGS.values:
+        config = _config(FLAGS.variant, FLAGS.size, FLAGS.option, parse_value(text))
+        print(f"compiling {FLAGS.option}={text} ...", flush=True)
+        calls[text] = make(config, FLAGS.batch)
+    times = interleaved_medians(calls, FLAGS.rounds, FLAGS.calls)
+    print(report(FLAGS.option, times, f"{FLAGS.variant}, {FLAGS.size} px, batch {FLAGS.batch}, {FLAGS.mode}, "
+                                      f"float32, {FLAGS.rounds} interleaved rounds"))
+
+
+def define_flags() -> None:
+    """Only when run as a command: the tests import this module beside bench's own flags (same names)."""
+    flags.DEFINE_string("option", "fuse_eval_bn", "the config.model key to vary")
+    flags.DEFINE_list("values", ["False", "True"], "its two values (Python literals or plain strings), A then B")
+    flags.DEFINE_enum("mode", "eval", ["eval", "train"], "eval: the embed function (uint8 images in); train: the train step")
+    flags.DEFINE_string("variant", "v1", "v1 | v2")
+    flags.DEFINE_integer("size", 224, "square input size")
+    flags.DEFINE_integer("batch", 32, "batch size")
+    flags.DEFINE_integer("rounds", 8, "A/B rounds (the order alternates each round)")
+    flags.DEFINE_integer("calls", 3, "timed calls of each setting per round")
+
+
+if __name__ == "__main__":
+    define_flags()
+    cli.run(main)

@@ -156,3 +156,17 @@ def test_trace_coverage_counts_overlapping_ops_once(tmp_path):
     wall, covered = trace_ops.coverage(str(tmp_path), steps=3)
     assert 0 < covered <= wall
     assert f"Step span {wall:.0f} ms" in trace_ops.op_table(str(tmp_path), steps=3)
+
+
+def test_depthwise_layers_follow_the_network_and_time_both_frameworks():
+    """The layer list is the network's (MobileNetV3-Large's table after each stem), and a tiny run times every layer
+    in both frameworks."""
+    from resmobile_jax.bench.depthwise_layers import format_table, layer_shapes, measure
+
+    v1 = layer_shapes("v1", 224)
+    assert v1[:4] == [(112, 16, 3, 1), (112, 64, 3, 2), (56, 72, 3, 1), (56, 72, 5, 2)] and v1[-1] == (7, 960, 5, 1)
+    v2 = layer_shapes("v2", 224)
+    assert v2[:3] == [(56, 16, 3, 1), (56, 64, 3, 1), (56, 72, 3, 1)] and len(v1) == len(v2) == 15
+    records = measure("v1", 32, 1, budget=0.01)
+    assert len(records) == 15 and all(r[k] > 0 for r in records for k in r if k.endswith("_ms"))
+    assert format_table(records).count("\n") == 15 + 2  # header, rule, 15 layers, total

@@ -1,6 +1,13 @@
 import os
 
+from resmobile_jax.cli import xla_flags_value
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The XLA flags every command sets (cli.run), before anything starts JAX's backend: tests that compare a result
+# computed in this process with one from a command (evaluate reproducing a run's metrics bit for bit) need the
+# same matmul library on both sides.
+if (_xla_flags := xla_flags_value(os.environ)) is not None:
+    os.environ["XLA_FLAGS"] = _xla_flags
 
 import numpy as np
 import pytest

@@ -70,8 +70,13 @@ class InvertedResidual(nnx.Module):
         self.project = ConvBNAct(spec.expanded, spec.out_channels, 1, activation="identity", **kw)
 
     def __call__(self, x):
-        y = x if self.expand is None else self.expand(x)
-        y = self.depthwise(y)
+        if self.expand is not None and self.expand.bn.use_running_average and self.depthwise.runs_as_one_kernel(
+                self.depthwise.conv.dtype or x.dtype):
+            # eval mode, C++ depthwise kernel: the expansion's BN + activation run inside it, on its input rows
+            y = self.depthwise(self.expand.conv(x), input_bn_act=self.expand.folded_bn_act())
+        else:
+            y = x if self.expand is None else self.expand(x)
+            y = self.depthwise(y)
         if self.se is not None:
             y = self.se(y)
         y = self.project(y)

@@ -194,21 +194,23 @@ inline V Activate(V t) {
 }
 
 template <int64_t kAct>
-void ApplyEpilogue(const Epilogue& e, float* y, int64_t pixels, int64_t C) {
+void ApplyEpilogue(const Epilogue& e, const float* src, float* dst, int64_t pixels, int64_t C) {
   for (int64_t m = 0; m < pixels; ++m) {
-    float* v = y + m * C;
+    const float* u = src + m * C;
+    float* v = dst + m * C;
     int64_t c = 0;
     for (; c + 8 <= C; c += 8)
-      Store<Vec8>(v + c, Activate<kAct>(Load<Vec8>(v + c) * Load<Vec8>(e.scale + c) + Load<Vec8>(e.shift + c)));
-    for (; c < C; ++c) v[c] = Activate<kAct>(v[c] * e.scale[c] + e.shift[c]);
+      Store<Vec8>(v + c, Activate<kAct>(Load<Vec8>(u + c) * Load<Vec8>(e.scale + c) + Load<Vec8>(e.shift + c)));
+    for (; c < C; ++c) v[c] = Activate<kAct>(u[c] * e.scale[c] + e.shift[c]);
   }
 }
 
-void ApplyEpilogue(const Epilogue& e, float* y, int64_t pixels, int64_t C) {
+// dst = act(src * scale + shift) over pixels x C values (src == dst: in place); nothing without a scale.
+void ApplyEpilogue(const Epilogue& e, const float* src, float* dst, int64_t pixels, int64_t C) {
   if (e.scale == nullptr) return;
-  if (e.activation == kRelu) ApplyEpilogue<kRelu>(e, y, pixels, C);
-  else if (e.activation == kHardswish) ApplyEpilogue<kHardswish>(e, y, pixels, C);
-  else ApplyEpilogue<kIdentity>(e, y, pixels, C);
+  if (e.activation == kRelu) ApplyEpilogue<kRelu>(e, src, dst, pixels, C);
+  else if (e.activation == kHardswish) ApplyEpilogue<kHardswish>(e, src, dst, pixels, C);
+  else ApplyEpilogue<kIdentity>(e, src, dst, pixels, C);
 }
 
 ffi::Error MakeEpilogue(ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift, int64_t activation, int64_t c,
@@ -222,9 +224,12 @@ ffi::Error MakeEpilogue(ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift
 }
 
 // y[b, r, q, :] = sum_ij x[b, r*S+i-P, q*S+j-P, :] * w[i, j, :]: output row (b, r) is one line, a = S, taps (i, j)
-// in order with col = j - P.
+// in order with col = j - P. With a prologue, x is first replaced by act(x * scale + shift) (the BatchNorm and
+// activation of the 1x1 convolution before, eval mode), one input row at a time into a per-thread ring of K rows:
+// each row is transformed once per chunk of output rows, and the padding stays zero (taps outside x are skipped).
 ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                                ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Epilogue& epi) {
+                                ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Epilogue& pro,
+                                const Epilogue& epi) {
   Geometry g;
   int64_t k = w.dimensions()[0];
   if (auto e = MakeGeometry(x, k, stride, padding, &g); e.failure()) return e;
@@ -232,18 +237,28 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
   const int64_t C = g.c;
+  const int64_t row_size = g.w * C;
   ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<Tap> taps(g.k * g.k);
+    std::vector<float> ring(pro.scale != nullptr ? g.k * row_size : 0);  // input row hi in slot hi % K
+    std::vector<int64_t> ring_row(g.k, -1);                              // which (b * H + hi) each slot holds
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.ho, r = row % g.ho;
       int64_t n = 0;
       for (int64_t i = 0; i < g.k; ++i) {
         const int64_t hi = r * g.s + i - g.p;
         if (hi < 0 || hi >= g.h) continue;
-        for (int64_t j = 0; j < g.k; ++j) taps[n++] = {xd + (b * g.h + hi) * g.w * C, wd + (i * g.k + j) * C, j - g.p};
+        const float* in = xd + (b * g.h + hi) * row_size;
+        if (pro.scale != nullptr) {  // the K rows of one output row are consecutive, so their slots differ
+          float* slot = ring.data() + (hi % g.k) * row_size;
+          if (ring_row[hi % g.k] != b * g.h + hi) ApplyEpilogue(pro, in, slot, g.w, C);
+          ring_row[hi % g.k] = b * g.h + hi;
+          in = slot;
+        }
+        for (int64_t j = 0; j < g.k; ++j) taps[n++] = {in, wd + (i * g.k + j) * C, j - g.p};
       }
       SumLine(taps.data(), n, g.s, g.w, C, g.wo, yd + row * g.wo * C, C);
-      ApplyEpilogue(epi, yd + row * g.wo * C, g.wo, C);
+      ApplyEpilogue(epi, yd + row * g.wo * C, yd + row * g.wo * C, g.wo, C);
     }
   });
   return ffi::Error::Success();
@@ -251,7 +266,7 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
 
 ffi::Error DepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                             ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding) {
-  return DepthwiseForwardWith(pool, x, w, y, stride, padding, Epilogue{});
+  return DepthwiseForwardWith(pool, x, w, y, stride, padding, Epilogue{}, Epilogue{});
 }
 
 ffi::Error DepthwiseForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -259,7 +274,20 @@ ffi::Error DepthwiseForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
                                  ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, int64_t activation) {
   Epilogue epi;
   if (auto e = MakeEpilogue(scale, shift, activation, x.dimensions().back(), &epi); e.failure()) return e;
-  return DepthwiseForwardWith(pool, x, w, y, stride, padding, epi);
+  return DepthwiseForwardWith(pool, x, w, y, stride, padding, Epilogue{}, epi);
+}
+
+// The same with the prologue: in_scale, in_shift and input_activation transform x before the convolution.
+ffi::Error DepthwiseForwardBnActIn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                   ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_shift,
+                                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, int64_t activation,
+                                   int64_t input_activation) {
+  Epilogue pro, epi;
+  const int64_t c = x.dimensions().back();
+  if (auto e = MakeEpilogue(in_scale, in_shift, input_activation, c, &pro); e.failure()) return e;
+  if (auto e = MakeEpilogue(scale, shift, activation, c, &epi); e.failure()) return e;
+  return DepthwiseForwardWith(pool, x, w, y, stride, padding, pro, epi);
 }
 
 // dx[b, hi, wi, :] = sum over the (r, q, i, j) with r*S+i-P = hi, q*S+j-P = wi of dy[b, r, q, :] * w[i, j, :]: a
@@ -449,7 +477,7 @@ ffi::Error DenseConvForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
       else if (co % 16 == 0) DenseForwardBlocked<2, 6>(g, co, xp, wd, yd, row, row + 1);
       else if (co % 8 == 0) DenseForwardBlocked<1, 8>(g, co, xp, wd, yd, row, row + 1);
       else DenseForwardRows(g, co, xp, wd, yd, row, row + 1);
-      ApplyEpilogue(epi, yd + row * g.wo * co, g.wo, co);
+      ApplyEpilogue(epi, yd + row * g.wo * co, yd + row * g.wo * co, g.wo, co);
     }
   });
   return ffi::Error::Success();
@@ -574,6 +602,20 @@ static auto ForwardBnAct() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForwardBnAct, DepthwiseForwardBnAct, ForwardBnAct());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForwardBnActIn, DepthwiseForwardBnActIn,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("padding")
+                                  .Attr<int64_t>("activation")
+                                  .Attr<int64_t>("input_activation"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnAct, DenseConvForwardBnAct, ForwardBnAct());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseInputGrad, DepthwiseInputGrad,
                               ffi::Ffi::Bind()

@@ -40,6 +40,7 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_dense_conv_kernel_grad": "ResmobileDenseConvKernelGrad",
     "resmobile_depthwise_forward_bn_act": "ResmobileDepthwiseForwardBnAct",
     "resmobile_dense_conv_forward_bn_act": "ResmobileDenseConvForwardBnAct",
+    "resmobile_depthwise_forward_bn_act_in": "ResmobileDepthwiseForwardBnActIn",
 }
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
@@ -208,14 +209,24 @@ def _dense_bwd(stride, padding, residuals, g):
 _dense_conv.defvjp(_dense_fwd, _dense_bwd)
 
 
-def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, padding: int, *, depthwise: bool):
+def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, padding: int, *, depthwise: bool,
+                        input_bn_act=None):
     """act(conv(x, w) * scale + shift) in one kernel call: eval-mode BatchNorm (scale and shift per output channel,
-    float32) and the activation applied to each output row as it is produced. Forward only; its gradient is
-    layers.conv_bn_act_kernel's."""
+    float32) and the activation applied to each output row as it is produced. `input_bn_act` = (in_scale, in_shift,
+    activation name), depthwise only: x is first replaced by act(x * in_scale + in_shift), row by row inside the
+    kernel. Forward only; its gradient is layers.conv_bn_act_kernel's."""
     require()
     k, cout = w.shape[0], w.shape[-1]
     ho, wo = _output_hw(x.shape, k, stride, padding)
-    args = (x, w.reshape(k, k, cout) if depthwise else w, scale.astype(jnp.float32), shift.astype(jnp.float32))
+    f32 = jnp.float32
+    attrs = dict(stride=stride, padding=padding, activation=ACTIVATION_CODES[activation])
+    if input_bn_act is not None:
+        if not depthwise:
+            raise ValueError("input_bn_act is implemented for the depthwise kernel only")
+        in_scale, in_shift, input_activation = input_bn_act
+        return _call("resmobile_depthwise_forward_bn_act_in", (x.shape[0], ho, wo, cout), x, w.reshape(k, k, cout),
+                     in_scale.astype(f32), in_shift.astype(f32), scale.astype(f32), shift.astype(f32),
+                     input_activation=ACTIVATION_CODES[input_activation], **attrs)
+    args = (x, w.reshape(k, k, cout) if depthwise else w, scale.astype(f32), shift.astype(f32))
     target = "resmobile_depthwise_forward_bn_act" if depthwise else "resmobile_dense_conv_forward_bn_act"
-    return _call(target, (x.shape[0], ho, wo, cout), *args, stride=stride, padding=padding,
-                 activation=ACTIVATION_CODES[activation])
+    return _call(target, (x.shape[0], ho, wo, cout), *args, **attrs)

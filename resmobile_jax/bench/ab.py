@@ -59,17 +59,9 @@ def eval_call(config, batch: int):
 
 def train_call(config, batch: int):
     """A function running one train step (compiled here, state donated from step to step) to completion."""
-    from resmobile_jax.bench.jax_side import train_setup
+    from resmobile_jax.bench.jax_side import train_step_call
 
-    step, state, data = train_setup(config, batch)
-    compiled = step.lower(state, data).compile()
-    holder = [state]
-
-    def call():
-        holder[0], metrics = compiled(holder[0], data)
-        jax.block_until_ready((holder[0], metrics))
-
-    return call
+    return train_step_call(config, batch)[0]
 
 
 def interleaved_medians(calls: dict, rounds: int, per_round: int, warmup: int = 2) -> dict[str, list[float]]:

@@ -60,19 +60,25 @@ def train_setup(config, batch: int):
     return step, state, data
 
 
+def train_step_call(config, batch: int):
+    """(call, compile seconds): call() runs one compiled train step to completion and returns its metrics, the
+    state donated from step to step as in training."""
+    step, state, data = train_setup(config, batch)
+    compiled, compile_seconds = compile_jitted(step, state, data)
+    holder = [state]
+
+    def call():
+        holder[0], metrics = compiled(holder[0], data)
+        return jax.block_until_ready((holder[0], metrics))[1]
+
+    return call, compile_seconds
+
+
 def train(config, batch: int, budget_seconds: float) -> dict:
-    """Images/s of the full train step (forward, loss, backward, AdamW, clipping, BN and EMA updates), the state
-    donated from step to step as in training."""
+    """Images/s of the full train step (forward, loss, backward, AdamW, clipping, BN and EMA updates)."""
     with PeakRSS() as mem:
-        step, state, data = train_setup(config, batch)
-        compiled, compile_seconds = compile_jitted(step, state, data)
-        holder = [state]
-
-        def call():
-            holder[0], metrics = compiled(holder[0], data)
-            jax.block_until_ready((holder[0], metrics))
-
+        call, compile_seconds = train_step_call(config, batch)
         r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
-    loss_value = float(jax.device_get(compiled(holder[0], data)[1]["loss"]))
+    loss_value = float(jax.device_get(call()["loss"]))
     return {**r, "compile_seconds": round(compile_seconds, 2), "images_per_second": 1e3 * batch / r["median_ms"],
             "peak_rss_mb": mem.megabytes, "finite_loss": bool(np.isfinite(loss_value))}

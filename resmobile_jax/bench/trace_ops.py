@@ -29,19 +29,19 @@ def op_events(directory: str) -> list[tuple[int, int, str]]:
     return events
 
 
-def op_times(directory: str, steps: int) -> dict[str, float]:
-    """{XLA op name: ms per step} (op_events, summed)."""
+def op_times(directory: str, steps: int, events=None) -> dict[str, float]:
+    """{XLA op name: ms per step} (op_events, summed; `events` if already read)."""
     times: collections.Counter = collections.Counter()
-    for start, end, name in op_events(directory):
+    for start, end, name in op_events(directory) if events is None else events:
         times[name] += (end - start) / 1e6 / steps
     return dict(times)
 
 
-def coverage(directory: str, steps: int) -> tuple[float, float]:
+def coverage(directory: str, steps: int, events=None) -> tuple[float, float]:
     """(ms per step from the first op's start to the last op's end, ms per step inside at least one op event). The
     difference is time no op event accounts for: XLA's own (Eigen) matmuls return at once and finish on the thread
     pool untraced, so with them the op table undercounts."""
-    spans = sorted((start, end) for start, end, _ in op_events(directory))
+    spans = sorted((start, end) for start, end, _ in (op_events(directory) if events is None else events))
     if not spans:
         return 0.0, 0.0
     covered, (lo, hi) = 0, spans[0]
@@ -57,12 +57,13 @@ def coverage(directory: str, steps: int) -> tuple[float, float]:
 
 def op_table(directory: str, steps: int, top: int = 15) -> str:
     """The most expensive op kinds (ops named alike, e.g. every `broadcast_subtract_fusion.N`) and single ops."""
-    times = collections.Counter(op_times(directory, steps))
+    events = op_events(directory)  # the trace file is read once
+    times = collections.Counter(op_times(directory, steps, events))
     kinds: collections.Counter = collections.Counter()
     for name, ms in times.items():
         kinds[re.sub(r"\.\d+$", "", name)] += ms
     total = sum(times.values())
-    wall, covered = coverage(directory, steps)
+    wall, covered = coverage(directory, steps, events)
     lines = [f"XLA ops, ms per step (all threads; {total:.0f} ms in all). Step span {wall:.0f} ms, {wall - covered:.0f} ms "
              "of it inside no op event (XLA's Eigen matmuls run untraced on the thread pool)",
              "", "| op kind | ms | share |", "|---|---:|---:|"]

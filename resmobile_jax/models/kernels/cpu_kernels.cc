@@ -168,8 +168,9 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
   for (; m < count; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
 }
 
-// The eval-mode epilogue: y = act(y * scale[c] + shift[c]) over `pixels` x C values, in place. The same float32
-// operations as the model's BatchNorm and activations (layers.py), so only rounding (an FMA) differs.
+// The eval-mode epilogue (after a convolution) and prologue (before a depthwise one): act(v * scale[c] + shift[c])
+// over `pixels` x C values. The same float32 operations as the model's BatchNorm and activations (layers.py), so
+// only rounding (an FMA) differs.
 enum Activation : int64_t { kIdentity = 0, kRelu = 1, kHardswish = 2 };
 
 struct Epilogue {
@@ -250,10 +251,11 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
         if (hi < 0 || hi >= g.h) continue;
         const float* in = xd + (b * g.h + hi) * row_size;
         if (pro.scale != nullptr) {  // the K rows of one output row are consecutive, so their slots differ
-          float* slot = ring.data() + (hi % g.k) * row_size;
-          if (ring_row[hi % g.k] != b * g.h + hi) ApplyEpilogue(pro, in, slot, g.w, C);
-          ring_row[hi % g.k] = b * g.h + hi;
-          in = slot;
+          const int64_t slot = hi % g.k, input_row = b * g.h + hi;
+          float* transformed = ring.data() + slot * row_size;
+          if (ring_row[slot] != input_row) ApplyEpilogue(pro, in, transformed, g.w, C);
+          ring_row[slot] = input_row;
+          in = transformed;
         }
         for (int64_t j = 0; j < g.k; ++j) taps[n++] = {in, wd + (i * g.k + j) * C, j - g.p};
       }

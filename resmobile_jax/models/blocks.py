@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from resmobile_jax.models.architecture import InvertedResidualSpec
+from resmobile_jax.models.kernels import cpu_kernels
 from resmobile_jax.models.layers import (
+    ACTIVATIONS,
     MOBILENET_BN,
     RESNET_BN,
     ConvBNAct,
@@ -69,9 +73,24 @@ class InvertedResidual(nnx.Module):
         )
         self.project = ConvBNAct(spec.expanded, spec.out_channels, 1, activation="identity", **kw)
 
+    def runs_as_one_kernel(self, dtype) -> bool:
+        """Eval mode with the C++ depthwise kernel and no squeeze-excitation (whose global pool needs the whole
+        depthwise output before the projection): the whole block is one kernel call (inverted_residual_kernel)."""
+        return self.se is None and self.depthwise.runs_as_one_kernel(dtype)
+
     def __call__(self, x):
-        if self.expand is not None and self.expand.bn.use_running_average and self.depthwise.runs_as_one_kernel(
-                self.depthwise.conv.dtype or x.dtype):
+        dtype = self.depthwise.conv.dtype or x.dtype
+        if self.runs_as_one_kernel(dtype):
+            expand = None
+            if self.expand is not None:
+                w, scale, shift = self.expand.folded()
+                expand = (w.reshape(w.shape[-2:]), scale, shift)
+            w, scale, shift = self.project.folded()
+            project = (w.reshape(w.shape[-2:]), scale, shift)
+            return inverted_residual_kernel(self.depthwise.activation, self.spec.stride, self.depthwise.conv.padding,
+                                            self.use_residual, x.astype(dtype), expand, self.depthwise.folded(),
+                                            project)
+        if self.expand is not None and self.expand.bn.use_running_average and self.depthwise.runs_as_one_kernel(dtype):
             # eval mode, C++ depthwise kernel: the expansion's BN + activation run inside it, on its input rows
             y = self.depthwise(self.expand.conv(x), input_bn_act=self.expand.folded_bn_act())
         else:
@@ -81,6 +100,41 @@ class InvertedResidual(nnx.Module):
             y = self.se(y)
         y = self.project(y)
         return y + x if self.use_residual else y
+
+
+def _unfused_inverted_residual(activation, stride, padding, residual, x, expand, depthwise, project):
+    act = ACTIVATIONS[activation]
+    y = x
+    if expand is not None:
+        w, scale, shift = expand
+        y = act(y @ w * scale + shift)
+    w, scale, shift = depthwise
+    y = act(cpu_kernels.depthwise_conv(y, w, stride, padding) * scale + shift)
+    w, scale, shift = project
+    y = y @ w * scale + shift
+    return y + x if residual else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
+def inverted_residual_kernel(activation: str, stride: int, padding: int, residual: bool, x, expand, depthwise, project):
+    """An eval-mode inverted residual without SE as one C++ kernel call (cpu_kernels.inverted_residual_forward):
+    the expanded and depthwise feature maps, the block's largest, then never go to memory. Each of `expand` (or
+    None), `depthwise` and `project` is (kernel, BN scale, BN shift). Differentiable (frozen-BN fine-tuning): the
+    backward pass recomputes the unfused form and takes its gradient."""
+    return cpu_kernels.inverted_residual_forward(x, expand, depthwise, project, activation, stride, padding, residual)
+
+
+def _inverted_residual_fwd(activation, stride, padding, residual, x, expand, depthwise, project):
+    y = inverted_residual_kernel(activation, stride, padding, residual, x, expand, depthwise, project)
+    return y, (x, expand, depthwise, project)
+
+
+def _inverted_residual_bwd(activation, stride, padding, residual, saved, g):
+    unfused = functools.partial(_unfused_inverted_residual, activation, stride, padding, residual)
+    return jax.vjp(unfused, *saved)[1](g)
+
+
+inverted_residual_kernel.defvjp(_inverted_residual_fwd, _inverted_residual_bwd)
 
 
 class Bottleneck(nnx.Module):

@@ -459,6 +459,10 @@ class ConvBNAct(nnx.Module):
         return (self.fuse_eval_bn and self.bn.use_running_average and jnp.dtype(dtype) == jnp.float32
                 and self.conv.uses_cpu_kernel(dtype))
 
+    def folded(self, dtype=jnp.float32) -> tuple[Array, Array, Array]:
+        """(kernel, scale, shift): the conv's kernel and its eval-mode BN, for a kernel that fuses more layers."""
+        return (self.conv.kernel[...].astype(dtype), *self.bn.folded_affine())
+
     def folded_bn_act(self) -> tuple[Array, Array, str]:
         """(scale, shift, activation): this layer's eval-mode BN and activation, for the next layer's kernel."""
         return (*self.bn.folded_affine(), self.activation)

@@ -1,6 +1,7 @@
-"""The blocks' eval-mode kernel fusion: an inverted residual's expansion BN + activation, its depthwise conv, BN and
-activation in one C++ kernel call, computing what the unfused layers compute (themselves tested against torch in
-test_layers.py; the whole network in eval mode against torchvision in tests/convert/test_parity.py)."""
+"""The blocks' eval-mode kernel fusion, computing what the unfused layers compute (themselves tested against torch in
+test_layers.py; the whole network in eval mode against torchvision in tests/convert/test_parity.py): an inverted
+residual without squeeze-excitation is one C++ kernel call (expansion, depthwise, projection, their BNs and
+activations, the residual); one with SE runs its expansion's BN + activation inside the depthwise kernel."""
 
 import jax
 import jax.numpy as jnp
@@ -8,12 +9,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from resmobile_jax.models.architecture import MOBILENET_V3_LARGE_BLOCKS
+from resmobile_jax.models.architecture import MOBILENET_V3_LARGE_BLOCKS, InvertedResidualSpec, mid_block_specs
 from resmobile_jax.models.blocks import InvertedResidual
 
 
 def random_bn_statistics(block, rng):
     for layer in (block.expand, block.depthwise, block.project):
+        if layer is None:
+            continue
         c = layer.bn.scale[...].shape[0]
         layer.bn.scale[...] = jnp.asarray(rng.standard_normal(c), jnp.float32)
         layer.bn.bias[...] = jnp.asarray(rng.standard_normal(c), jnp.float32)
@@ -21,14 +24,28 @@ def random_bn_statistics(block, rng):
         layer.bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
 
 
-# ReLU and Hardswish, kernel 3 and 5, stride 1 and 2, with and without squeeze-excitation
-@pytest.mark.parametrize("index", [1, 2, 3, 6, 11])
-def test_eval_inverted_residual_runs_expansion_bn_inside_the_depthwise_kernel(index, rng):
-    spec = MOBILENET_V3_LARGE_BLOCKS[index]
+# Channel counts that are not multiples of 8 or 16 (the kernels' vector blocks): 44 = 32 + 8 + 4, 12 = 8 + 4
+ODD_WIDTHS = InvertedResidualSpec(in_channels=12, kernel=3, expanded=44, out_channels=12, use_se=False,
+                                  activation="HS", stride=1)
+BLOCKS = {
+    "no expansion, residual": MOBILENET_V3_LARGE_BLOCKS[0],
+    "relu k3 s2": MOBILENET_V3_LARGE_BLOCKS[1],
+    "relu k3 residual": MOBILENET_V3_LARGE_BLOCKS[2],
+    "se k5 s2": MOBILENET_V3_LARGE_BLOCKS[3],
+    "hardswish k3 s2": MOBILENET_V3_LARGE_BLOCKS[6],
+    "se hardswish residual": MOBILENET_V3_LARGE_BLOCKS[11],
+    "v2 first block (64 -> 16 expansion)": mid_block_specs("v2")[0],
+    "odd widths": ODD_WIDTHS,
+}
+
+
+@pytest.mark.parametrize("name", list(BLOCKS))
+def test_eval_inverted_residual_fuses_into_one_kernel_call(name, rng):
+    spec = BLOCKS[name]
     block = InvertedResidual(spec, rng=np.random.default_rng(0))
     random_bn_statistics(block, rng)
     block.eval()
-    x = jnp.asarray(rng.standard_normal((2, 13, 11, spec.in_channels)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((2, 13, 11, spec.in_channels)), jnp.float32)  # 11 px: partial pixel blocks
 
     def compiled(block):
         graphdef, params, rest = nnx.split(block, nnx.Param, ...)
@@ -39,10 +56,17 @@ def test_eval_inverted_residual_runs_expansion_bn_inside_the_depthwise_kernel(in
         return forward, params, jax.jit(forward).lower(params, x).as_text()
 
     fused, params, fused_text = compiled(block)
-    assert "resmobile_depthwise_forward_bn_act_in" in fused_text and "@resmobile_depthwise_forward(" not in fused_text
-    block.expand.fuse_eval_bn = block.depthwise.fuse_eval_bn = False
+    if spec.use_se:  # the SE pool needs the whole depthwise output before the projection
+        assert "@resmobile_depthwise_forward_bn_act_in(" in fused_text and "inverted_residual" not in fused_text
+    else:
+        assert fused_text.count("@resmobile_inverted_residual_forward(") == 1 and "dot_general" not in fused_text
+    assert "@resmobile_depthwise_forward(" not in fused_text
+    for layer in (block.expand, block.depthwise):
+        if layer is not None:
+            layer.fuse_eval_bn = False
     unfused, _, unfused_text = compiled(block)
     assert "@resmobile_depthwise_forward(" in unfused_text and "_bn_act" not in unfused_text
+    assert "inverted_residual" not in unfused_text
 
     np.testing.assert_allclose(np.asarray(fused(params, x)), np.asarray(unfused(params, x)), rtol=1e-5, atol=2e-5)
 

@@ -41,6 +41,7 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_depthwise_forward_bn_act": "ResmobileDepthwiseForwardBnAct",
     "resmobile_dense_conv_forward_bn_act": "ResmobileDenseConvForwardBnAct",
     "resmobile_depthwise_forward_bn_act_in": "ResmobileDepthwiseForwardBnActIn",
+    "resmobile_inverted_residual_forward": "ResmobileInvertedResidualForward",
 }
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
@@ -230,3 +231,22 @@ def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, paddin
     args = (x, w.reshape(k, k, cout) if depthwise else w, scale.astype(f32), shift.astype(f32))
     target = "resmobile_depthwise_forward_bn_act" if depthwise else "resmobile_dense_conv_forward_bn_act"
     return _call(target, (x.shape[0], ho, wo, cout), *args, **attrs)
+
+
+def inverted_residual_forward(x, expand, depthwise, project, activation: str, stride: int, padding: int,
+                              residual: bool):
+    """A whole eval-mode inverted residual without squeeze-excitation in one kernel call:
+    [act(x @ We * s + b)] -> act(depthwise(., Wd) * s + b) -> (. @ Wp) * s + b [+ x], each BatchNorm folded into
+    (scale, shift). `expand` = (We (Cin, C), scale, shift) or None, `depthwise` = (Wd (K, K, 1, C), scale, shift),
+    `project` = (Wp (C, Cout), scale, shift). Forward only; its gradient is blocks.inverted_residual_kernel's."""
+    require()
+    f32 = jnp.float32
+    empty = jnp.zeros((0,), f32)
+    we, e_scale, e_shift = (empty, empty, empty) if expand is None else expand
+    wd, d_scale, d_shift = depthwise
+    wp, p_scale, p_shift = project
+    k, c = wd.shape[0], wd.shape[-1]
+    ho, wo = _output_hw(x.shape, k, stride, padding)
+    args = [x, we, e_scale, e_shift, wd.reshape(k, k, c), d_scale, d_shift, wp, p_scale, p_shift]
+    return _call("resmobile_inverted_residual_forward", (x.shape[0], ho, wo, wp.shape[-1]), *[a.astype(f32) for a in args],
+                 stride=stride, padding=padding, activation=ACTIVATION_CODES[activation], residual=int(residual))

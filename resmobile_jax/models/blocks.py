@@ -37,9 +37,20 @@ class SqueezeExcitation(nnx.Module):
         self.fc1 = Linear(channels, squeeze_channels, **kw)
         self.fc2 = Linear(squeeze_channels, channels, **kw)
 
+    def weights(self, dtype) -> tuple[jax.Array, ...]:
+        return tuple(p[...].astype(dtype) for p in (self.fc1.kernel, self.fc1.bias, self.fc2.kernel, self.fc2.bias))
+
     def __call__(self, x):
-        scale = hard_sigmoid(self.fc2(jax.nn.relu(self.fc1(global_avg_pool(x)))))
+        dtype = self.fc1.dtype or x.dtype
+        scale = se_channel_scale(global_avg_pool(x).astype(dtype), self.weights(dtype))
         return x * scale[:, None, None, :].astype(x.dtype)
+
+
+def se_channel_scale(pooled, weights):
+    """The SE's per-image channel scale from the globally pooled features; weights = (fc1 kernel, fc1 bias, fc2
+    kernel, fc2 bias)."""
+    w1, b1, w2, b2 = weights
+    return hard_sigmoid(jax.nn.relu(pooled @ w1 + b1) @ w2 + b2)
 
 
 class InvertedResidual(nnx.Module):
@@ -73,36 +84,33 @@ class InvertedResidual(nnx.Module):
         )
         self.project = ConvBNAct(spec.expanded, spec.out_channels, 1, activation="identity", **kw)
 
-    def runs_as_one_kernel(self, dtype) -> bool:
-        """Eval mode with the C++ depthwise kernel and no squeeze-excitation (whose global pool needs the whole
-        depthwise output before the projection): the whole block is one kernel call (inverted_residual_kernel)."""
-        return self.se is None and self.depthwise.runs_as_one_kernel(dtype)
+    def runs_as_kernels(self, dtype) -> bool:
+        """Eval mode with the C++ depthwise kernel: the whole block runs as one kernel call, or two around the SE's
+        small matmuls (inverted_residual_kernel)."""
+        return self.depthwise.runs_as_one_kernel(dtype)
 
     def __call__(self, x):
         dtype = self.depthwise.conv.dtype or x.dtype
-        if self.runs_as_one_kernel(dtype):
+        if self.runs_as_kernels(dtype):
             expand = None
             if self.expand is not None:
                 w, scale, shift = self.expand.folded()
                 expand = (w.reshape(w.shape[-2:]), scale, shift)
             w, scale, shift = self.project.folded()
             project = (w.reshape(w.shape[-2:]), scale, shift)
+            se = None if self.se is None else self.se.weights(jnp.float32)
             return inverted_residual_kernel(self.depthwise.activation, self.spec.stride, self.depthwise.conv.padding,
-                                            self.use_residual, x.astype(dtype), expand, self.depthwise.folded(),
+                                            self.use_residual, x.astype(dtype), expand, self.depthwise.folded(), se,
                                             project)
-        if self.expand is not None and self.expand.bn.use_running_average and self.depthwise.runs_as_one_kernel(dtype):
-            # eval mode, C++ depthwise kernel: the expansion's BN + activation run inside it, on its input rows
-            y = self.depthwise(self.expand.conv(x), input_bn_act=self.expand.folded_bn_act())
-        else:
-            y = x if self.expand is None else self.expand(x)
-            y = self.depthwise(y)
+        y = x if self.expand is None else self.expand(x)
+        y = self.depthwise(y)
         if self.se is not None:
             y = self.se(y)
         y = self.project(y)
         return y + x if self.use_residual else y
 
 
-def _unfused_inverted_residual(activation, stride, padding, residual, x, expand, depthwise, project):
+def _unfused_inverted_residual(activation, stride, padding, residual, x, expand, depthwise, se, project):
     act = ACTIVATIONS[activation]
     y = x
     if expand is not None:
@@ -110,23 +118,33 @@ def _unfused_inverted_residual(activation, stride, padding, residual, x, expand,
         y = act(y @ w * scale + shift)
     w, scale, shift = depthwise
     y = act(cpu_kernels.depthwise_conv(y, w, stride, padding) * scale + shift)
+    if se is not None:
+        y = y * se_channel_scale(global_avg_pool(y), se)[:, None, None, :]
     w, scale, shift = project
     y = y @ w * scale + shift
     return y + x if residual else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def inverted_residual_kernel(activation: str, stride: int, padding: int, residual: bool, x, expand, depthwise, project):
-    """An eval-mode inverted residual without SE as one C++ kernel call (cpu_kernels.inverted_residual_forward):
-    the expanded and depthwise feature maps, the block's largest, then never go to memory. Each of `expand` (or
-    None), `depthwise` and `project` is (kernel, BN scale, BN shift). Differentiable (frozen-BN fine-tuning): the
-    backward pass recomputes the unfused form and takes its gradient."""
-    return cpu_kernels.inverted_residual_forward(x, expand, depthwise, project, activation, stride, padding, residual)
+def inverted_residual_kernel(activation: str, stride: int, padding: int, residual: bool, x, expand, depthwise, se,
+                             project):
+    """An eval-mode inverted residual in C++ kernel calls, so that its expanded map (and without SE its depthwise
+    map: the block's largest) never goes to memory. Without SE one call (cpu_kernels.inverted_residual_forward);
+    with SE (`se` = its weights, else None), whose global pool needs the whole depthwise output before the
+    projection, two: expansion + depthwise (+ the pool's sums), then the SE's small matmuls here, then the projection
+    with the SE scale folded into its weights. Each of `expand` (or None), `depthwise` and `project` is (kernel, BN
+    scale, BN shift). Differentiable (frozen-BN fine-tuning): the backward pass recomputes the unfused form and
+    takes its gradient."""
+    if se is None:
+        return cpu_kernels.inverted_residual_forward(x, expand, depthwise, project, activation, stride, padding,
+                                                     residual)
+    y, pooled = cpu_kernels.expand_depthwise_forward(x, expand, depthwise, activation, stride, padding)
+    return cpu_kernels.se_project_forward(y, se_channel_scale(pooled, se), project, x if residual else None)
 
 
-def _inverted_residual_fwd(activation, stride, padding, residual, x, expand, depthwise, project):
-    y = inverted_residual_kernel(activation, stride, padding, residual, x, expand, depthwise, project)
-    return y, (x, expand, depthwise, project)
+def _inverted_residual_fwd(activation, stride, padding, residual, x, expand, depthwise, se, project):
+    y = inverted_residual_kernel(activation, stride, padding, residual, x, expand, depthwise, se, project)
+    return y, (x, expand, depthwise, se, project)
 
 
 def _inverted_residual_bwd(activation, stride, padding, residual, saved, g):

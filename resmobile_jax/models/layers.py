@@ -382,33 +382,30 @@ def depthwise_conv(x: Array, w: Array, stride: int, padding: int, impl: str) -> 
     return out
 
 
-def _unfused_conv_bn_act(depthwise, activation, stride, padding, input_activation, x, w, scale, shift, input_affine):
-    if input_affine is not None:
-        x = ACTIVATIONS[input_activation](x * input_affine[0] + input_affine[1])
+def _unfused_conv_bn_act(depthwise, activation, stride, padding, max_pool, x, w, scale, shift):
     conv = cpu_kernels.depthwise_conv if depthwise else cpu_kernels.dense_conv
-    return ACTIVATIONS[activation](conv(x, w, stride, padding) * scale + shift)
+    y = ACTIVATIONS[activation](conv(x, w, stride, padding) * scale + shift)
+    return max_pool_3x3_s2(y) if max_pool else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
-def conv_bn_act_kernel(depthwise: bool, activation: str, stride: int, padding: int, input_activation: str | None,
-                       x, w, scale, shift, input_affine=None):
-    """act(conv(x', w) * scale + shift) as one C++ kernel call (eval-mode BatchNorm folded into scale and shift),
-    x' = x, or input_activation(x * in_scale + in_shift) with input_affine = (in_scale, in_shift) (depthwise only:
-    the BN + activation of the 1x1 convolution before it). XLA cannot fuse into a custom call, so unfused each of
-    these is one more pass over a feature map in memory. Differentiable (frozen-BN fine-tuning): the backward pass
-    recomputes the unfused form and takes its gradient."""
-    input_bn_act = None if input_affine is None else (*input_affine, input_activation)
+def conv_bn_act_kernel(depthwise: bool, activation: str, stride: int, padding: int, max_pool: bool, x, w, scale,
+                       shift):
+    """act(conv(x, w) * scale + shift) as one C++ kernel call (eval-mode BatchNorm folded into scale and shift),
+    then with `max_pool` (dense only) ResNet's 3x3 stride-2 max pool. XLA cannot fuse into a custom call, so
+    unfused each of these is one more pass over a feature map in memory. Differentiable (frozen-BN fine-tuning):
+    the backward pass recomputes the unfused form and takes its gradient."""
     return cpu_kernels.conv_bn_act_forward(x, w, scale, shift, activation, stride, padding, depthwise=depthwise,
-                                           input_bn_act=input_bn_act)
+                                           max_pool=max_pool)
 
 
-def _conv_bn_act_fwd(depthwise, activation, stride, padding, input_activation, x, w, scale, shift, input_affine):
-    y = conv_bn_act_kernel(depthwise, activation, stride, padding, input_activation, x, w, scale, shift, input_affine)
-    return y, (x, w, scale, shift, input_affine)
+def _conv_bn_act_fwd(depthwise, activation, stride, padding, max_pool, x, w, scale, shift):
+    y = conv_bn_act_kernel(depthwise, activation, stride, padding, max_pool, x, w, scale, shift)
+    return y, (x, w, scale, shift)
 
 
-def _conv_bn_act_bwd(depthwise, activation, stride, padding, input_activation, residuals, g):
-    unfused = functools.partial(_unfused_conv_bn_act, depthwise, activation, stride, padding, input_activation)
+def _conv_bn_act_bwd(depthwise, activation, stride, padding, max_pool, residuals, g):
+    unfused = functools.partial(_unfused_conv_bn_act, depthwise, activation, stride, padding, max_pool)
     return jax.vjp(unfused, *residuals)[1](g)
 
 
@@ -418,8 +415,7 @@ conv_bn_act_kernel.defvjp(_conv_bn_act_fwd, _conv_bn_act_bwd)
 class ConvBNAct(nnx.Module):
     """torchvision's Conv2dNormActivation: conv (dense or depthwise, no bias) -> BatchNorm -> activation.
 
-    In eval mode with a C++ conv kernel (and `fuse_eval_bn`), the three run as one kernel call (conv_bn_act_kernel);
-    a depthwise one can also take the previous layer's BN + activation (`input_bn_act`) into that call.
+    In eval mode with a C++ conv kernel (and `fuse_eval_bn`), the three run as one kernel call (conv_bn_act_kernel).
     """
 
     def __init__(
@@ -463,24 +459,16 @@ class ConvBNAct(nnx.Module):
         """(kernel, scale, shift): the conv's kernel and its eval-mode BN, for a kernel that fuses more layers."""
         return (self.conv.kernel[...].astype(dtype), *self.bn.folded_affine())
 
-    def folded_bn_act(self) -> tuple[Array, Array, str]:
-        """(scale, shift, activation): this layer's eval-mode BN and activation, for the next layer's kernel."""
-        return (*self.bn.folded_affine(), self.activation)
-
-    def __call__(self, x: Array, input_bn_act: tuple[Array, Array, str] | None = None) -> Array:
-        """`input_bn_act` (scale, shift, activation name) is applied to x first: the previous layer's BN and
-        activation, handed over so that a depthwise kernel can apply them (runs_as_one_kernel)."""
+    def __call__(self, x: Array, max_pool: bool = False) -> Array:
+        """`max_pool`: ResNet's 3x3 stride-2 max pool after the activation (the V2 stem), inside the kernel when it
+        runs as one."""
         dtype = self.conv.dtype or x.dtype
         if self.runs_as_one_kernel(dtype):
             depthwise = isinstance(self.conv, DepthwiseConv)
-            affine, input_activation = (None, None) if input_bn_act is None else (input_bn_act[:2], input_bn_act[2])
-            scale, shift = self.bn.folded_affine()
-            return conv_bn_act_kernel(depthwise, self.activation, self.conv.stride, self.conv.padding, input_activation,
-                                      x.astype(dtype), self.conv.kernel[...].astype(dtype), scale, shift, affine)
-        if input_bn_act is not None:
-            in_scale, in_shift, input_activation = input_bn_act
-            x = ACTIVATIONS[input_activation]((x.astype(jnp.float32) * in_scale + in_shift).astype(x.dtype))
-        return ACTIVATIONS[self.activation](self.bn(self.conv(x)))
+            return conv_bn_act_kernel(depthwise, self.activation, self.conv.stride, self.conv.padding, max_pool,
+                                      x.astype(dtype), *self.folded(dtype))
+        y = ACTIVATIONS[self.activation](self.bn(self.conv(x)))
+        return max_pool_3x3_s2(y) if max_pool else y
 
 
 class Linear(nnx.Module):

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resmobile_jax.models.layers import MOBILENET_BN, RESNET_BN, ConvBNAct, StemConvImpl, max_pool_3x3_s2
+from resmobile_jax.models.layers import MOBILENET_BN, RESNET_BN, ConvBNAct, StemConvImpl
 
 
 class MobileNetStem(nnx.Module):
@@ -40,4 +40,4 @@ class ResNetStem(nnx.Module):
         )
 
     def __call__(self, x):
-        return max_pool_3x3_s2(self.conv_bn_act(x))
+        return self.conv_bn_act(x, max_pool=True)

@@ -27,6 +27,7 @@ def random_bn_statistics(block, rng):
 # Channel counts that are not multiples of 8 or 16 (the kernels' vector blocks): 44 = 32 + 8 + 4, 12 = 8 + 4
 ODD_WIDTHS = InvertedResidualSpec(in_channels=12, kernel=3, expanded=44, out_channels=12, use_se=False,
                                   activation="HS", stride=1)
+ODD_WIDTHS_SE = ODD_WIDTHS._replace(use_se=True, out_channels=20)
 BLOCKS = {
     "no expansion, residual": MOBILENET_V3_LARGE_BLOCKS[0],
     "relu k3 s2": MOBILENET_V3_LARGE_BLOCKS[1],
@@ -34,8 +35,10 @@ BLOCKS = {
     "se k5 s2": MOBILENET_V3_LARGE_BLOCKS[3],
     "hardswish k3 s2": MOBILENET_V3_LARGE_BLOCKS[6],
     "se hardswish residual": MOBILENET_V3_LARGE_BLOCKS[11],
+    "se k5 residual 7x7-like": MOBILENET_V3_LARGE_BLOCKS[13],
     "v2 first block (64 -> 16 expansion)": mid_block_specs("v2")[0],
     "odd widths": ODD_WIDTHS,
+    "odd widths, se": ODD_WIDTHS_SE,
 }
 
 
@@ -56,11 +59,12 @@ def test_eval_inverted_residual_fuses_into_one_kernel_call(name, rng):
         return forward, params, jax.jit(forward).lower(params, x).as_text()
 
     fused, params, fused_text = compiled(block)
-    if spec.use_se:  # the SE pool needs the whole depthwise output before the projection
-        assert "@resmobile_depthwise_forward_bn_act_in(" in fused_text and "inverted_residual" not in fused_text
+    if spec.use_se:  # the SE pool needs the whole depthwise output before the projection: two calls
+        assert fused_text.count("@resmobile_expand_depthwise_forward(") == 1
+        assert fused_text.count("@resmobile_se_project_forward(") == 1 and "inverted_residual" not in fused_text
     else:
         assert fused_text.count("@resmobile_inverted_residual_forward(") == 1 and "dot_general" not in fused_text
-    assert "@resmobile_depthwise_forward(" not in fused_text
+    assert "@resmobile_depthwise_forward(" not in fused_text and "_bn_act" not in fused_text
     for layer in (block.expand, block.depthwise):
         if layer is not None:
             layer.fuse_eval_bn = False

@@ -170,14 +170,18 @@ TORCH_ACTIVATIONS = {"relu": torch.nn.ReLU, "hardswish": torch.nn.Hardswish, "id
 
 
 @pytest.mark.parametrize(
-    "in_c,out_c,kernel,stride,size,activation",
-    # depthwise (19 channels: SIMD vectors and a scalar tail), then the two stems' dense convs
-    [(19, 19, 3, 1, 9, "relu"), (19, 19, 5, 2, 11, "hardswish"), (19, 19, 3, 2, 8, "identity"),
-     (3, 16, 3, 2, 17, "hardswish"), (3, 64, 7, 2, 19, "relu")],
+    "in_c,out_c,kernel,stride,size,activation,max_pool",
+    # depthwise (19 channels: SIMD vectors and a scalar tail), then the two stems' dense convs, then those followed by
+    # ResNet's max pool (V2's stem; odd and even map sizes, and 12 channels: a scalar tail)
+    [(19, 19, 3, 1, 9, "relu", False), (19, 19, 5, 2, 11, "hardswish", False), (19, 19, 3, 2, 8, "identity", False),
+     (3, 16, 3, 2, 17, "hardswish", False), (3, 64, 7, 2, 19, "relu", False),
+     (3, 64, 7, 2, 20, "relu", True), (3, 12, 3, 2, 17, "identity", True)],
 )
-def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kernel, stride, size, activation, rng):
-    """Eval mode with the C++ kernels: conv, BatchNorm (running statistics) and activation in one kernel call; output
-    and every gradient (frozen-BN fine-tuning differentiates it) against torch's Conv2d -> BatchNorm2d -> act."""
+def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kernel, stride, size, activation, max_pool,
+                                                                rng):
+    """Eval mode with the C++ kernels: conv, BatchNorm (running statistics), activation (and max pool) in one kernel
+    call; output and every gradient (frozen-BN fine-tuning differentiates it) against torch's Conv2d ->
+    BatchNorm2d -> act (-> MaxPool2d(3, 2, 1))."""
     import jax
     from flax import nnx
 
@@ -200,10 +204,11 @@ def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kern
     graphdef, params, rest = nnx.split(block, nnx.Param, ...)
 
     def forward(params, x):
-        return nnx.merge(graphdef, params, rest)(x)
+        return nnx.merge(graphdef, params, rest)(x, max_pool=max_pool)
 
     x = rng.standard_normal((2, size, size, in_c)).astype(np.float32)
-    target = "resmobile_depthwise_forward_bn_act" if depthwise else "resmobile_dense_conv_forward_bn_act"
+    target = "@resmobile_depthwise_forward_bn_act(" if depthwise else "@resmobile_dense_conv_forward_bn_act("
+    target = "@resmobile_dense_conv_forward_bn_act_max_pool(" if max_pool else target
     lowered = jax.jit(forward).lower(params, jnp.asarray(x)).as_text()
     plain = "@resmobile_depthwise_forward(" if depthwise else "@resmobile_dense_conv_forward("
     assert target in lowered and plain not in lowered  # one call, the fused one
@@ -213,6 +218,7 @@ def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kern
     dparams, dx = jax.jit(pullback)(jnp.asarray(g))
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
     yt = TORCH_ACTIVATIONS[activation]()(tbn(tconv(xt)))
+    yt = torch.nn.MaxPool2d(3, 2, 1)(yt) if max_pool else yt
     yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
     np.testing.assert_allclose(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=2e-5)
     np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
@@ -223,7 +229,7 @@ def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kern
 
     block.fuse_eval_bn = False  # the unfused path computes the same function
     unfused_graphdef = nnx.split(block, nnx.Param, ...)[0]
-    unfused = jax.jit(lambda p, x: nnx.merge(unfused_graphdef, p, rest)(x)).lower(params, jnp.asarray(x))
+    unfused = jax.jit(lambda p, x: nnx.merge(unfused_graphdef, p, rest)(x, max_pool=max_pool)).lower(params, jnp.asarray(x))
     assert target not in unfused.as_text() and plain in unfused.as_text()
     np.testing.assert_allclose(np.asarray(unfused.compile()(params, jnp.asarray(x))), np.asarray(y), rtol=1e-5, atol=1e-5)
 

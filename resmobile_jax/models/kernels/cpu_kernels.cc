@@ -9,7 +9,12 @@
 //   XLA:CPU runs these 2-8x slower than PyTorch (oneDNN).
 // - both forward passes also come with an eval-mode epilogue, y = act(y * scale + shift) (BatchNorm with running
 //   statistics folded into scale and shift, then ReLU / Hardswish), applied to each output row while it is in cache:
-//   XLA cannot fuse anything into a custom call, so otherwise that is one more pass over the output in memory.
+//   XLA cannot fuse anything into a custom call, so otherwise that is one more pass over the output in memory. The
+//   stem's dense convolution can also run ResNet's max pool on its rows (V2).
+// - eval-mode MobileNetV3 inverted residuals: the 1x1 expansion, depthwise and 1x1 projection layers with their
+//   BatchNorms, activations and the residual in one pass over rows (two around the squeeze-excitation's matmuls),
+//   with an own register-blocked 1x1 kernel (Pointwise1x1): unfused, the expanded and depthwise maps, the largest
+//   of the network, are each written to memory and read back by separate XLA ops.
 //
 // Layouts: x (N, H, W, C), depthwise w (K, K, C) (the model's (K, K, 1, C) kernel, flattened), dense w
 // (K, K, Cin, Cout), y (N, Ho, Wo, C), Ho = (H + 2P - K) / S + 1. Tap (i, j) of output (r, q) reads input
@@ -170,7 +175,7 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
   for (; m < count; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
 }
 
-// The eval-mode epilogue (after a convolution) and prologue (before a depthwise one): act(v * scale[c] + shift[c])
+// The eval-mode epilogue (BatchNorm folded into scale and shift, then the activation): act(v * scale[c] + shift[c])
 // over `pixels` x C values. The same float32 operations as the model's BatchNorm and activations (layers.py), so
 // only rounding (an FMA) differs.
 enum Activation : int64_t { kIdentity = 0, kRelu = 1, kHardswish = 2 };
@@ -233,19 +238,27 @@ ffi::Error MakeEpilogue(ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift
 // 16-channel panel is 64 bytes of every cin-th cache line: the 80 -> 184 layers ran ~15% slower).
 struct Pointwise {
   const float* w = nullptr;       // (cin, cout); nullptr: none
-  const float* panels = nullptr;  // the panel of channels [c, c + 16) (or + 8) at panels + c * cin
+  const float* panels = nullptr;  // the panel of channels [c, c + width) at panels + c * cin, (cin, width)
   int64_t cin = 0, cout = 0;
   Epilogue bn;  // its BatchNorm (scale, shift per output channel) and activation
 };
 
-// Fills `storage` with w's panels (the channels of a last partial panel are read from w itself).
-void PackPanels(Pointwise* pw, std::vector<float>* storage) {
+// The panels' widths: 16, then 8, then what is left.
+inline int64_t PanelWidth(int64_t c, int64_t N) { return N - c >= 16 ? 16 : N - c >= 8 ? 8 : N - c; }
+
+// Fills `storage` with w's panels; with `row_scale`, row k of w is multiplied by row_scale[k] (a per-channel scale
+// of the 1x1 convolution's input, folded into its weights).
+void PackPanels(Pointwise* pw, std::vector<float>* storage, const float* row_scale = nullptr) {
   const int64_t K = pw->cin, N = pw->cout;
-  storage->assign(K * N, 0.0f);
-  for (int64_t c = 0, width = 16; c < N; c += width) {
-    width = c + 16 <= N ? 16 : 8;
-    if (c + width > N) break;
-    for (int64_t k = 0; k < K; ++k) std::memcpy(storage->data() + c * K + k * width, pw->w + k * N + c, sizeof(float) * width);
+  storage->resize(K * N);
+  for (int64_t c = 0, width = 0; c < N; c += width) {
+    width = PanelWidth(c, N);
+    for (int64_t k = 0; k < K; ++k) {
+      float* dst = storage->data() + c * K + k * width;
+      const float* src = pw->w + k * N + c;
+      if (row_scale == nullptr) std::memcpy(dst, src, sizeof(float) * width);
+      else for (int64_t l = 0; l < width; ++l) dst[l] = src[l] * row_scale[k];
+    }
   }
   pw->panels = storage->data();
 }
@@ -273,45 +286,44 @@ inline void PointwiseBlock(const Pointwise& pw, const float* in, const float* ad
   }
 }
 
-// Blocks of kPixels pixels (a multiple of kPixels of them), every channel.
-constexpr int kPixels = 6;
+// Pixel blocks of 6, and 3-5 at the end of a line: a line of 7 runs as 4 + 3 and one of 14 as 6 + 4 + 4 (padding
+// 7 to 12 wasted 40% of the 7x7 layers' work; a block of 1-2 pixels has too few independent sums to hide the FMA
+// latency).
+inline int NextBlock(int64_t rest) { return rest >= 9 ? 6 : rest >= 7 ? 4 : static_cast<int>(rest); }
+
+template <int NV, int64_t kAct>
+void PointwisePanel(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out, int64_t c) {
+  const int64_t K = pw.cin, N = pw.cout;
+  for (int64_t m = 0; m < pixels;) {
+    const int q = NextBlock(pixels - m);
+    const float* a = add == nullptr ? nullptr : add + m * N;
+    switch (q) {
+      case 6: PointwiseBlock<6, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
+      case 5: PointwiseBlock<5, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
+      case 4: PointwiseBlock<4, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
+      case 3: PointwiseBlock<3, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
+      case 2: PointwiseBlock<2, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
+      default: PointwiseBlock<1, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
+    }
+    m += q;
+  }
+}
 
 template <int64_t kAct>
-void PointwiseBlocks(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
+void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
   const int64_t K = pw.cin, N = pw.cout;
   int64_t c = 0;
-  for (; c + 16 <= N; c += 16)
-    for (int64_t m = 0; m < pixels; m += kPixels)
-      PointwiseBlock<kPixels, 2, kAct>(pw, in + m * K, add == nullptr ? nullptr : add + m * N, out + m * N, c);
-  for (; c + 8 <= N; c += 8)
-    for (int64_t m = 0; m < pixels; m += kPixels)
-      PointwiseBlock<kPixels, 1, kAct>(pw, in + m * K, add == nullptr ? nullptr : add + m * N, out + m * N, c);
+  for (; c + 16 <= N; c += 16) PointwisePanel<2, kAct>(pw, in, pixels, add, out, c);
+  for (; c + 8 <= N; c += 8) PointwisePanel<1, kAct>(pw, in, pixels, add, out, c);
+  const int64_t tail = c;  // a last panel narrower than 8
   for (; c < N; ++c) {
     for (int64_t m = 0; m < pixels; ++m) {
       float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) sum += in[m * K + k] * pw.w[k * N + c];
+      for (int64_t k = 0; k < K; ++k) sum += in[m * K + k] * pw.panels[tail * K + k * (N - tail) + c - tail];
       const float t = Activate<kAct>(sum * pw.bn.scale[c] + pw.bn.shift[c]);
       out[m * N + c] = add == nullptr ? t : t + add[m * N + c];
     }
   }
-}
-
-// The last pixels of a row (fewer than kPixels) go through one full block on zero-padded copies: single pixels
-// (2 independent sums per step, each waiting on the previous FMA) ran the 14-pixel rows ~30% slower.
-template <int64_t kAct>
-void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
-  const int64_t K = pw.cin, N = pw.cout, full = pixels / kPixels * kPixels, rest = pixels - full;
-  PointwiseBlocks<kAct>(pw, in, full, add, out);
-  if (rest == 0) return;
-  thread_local std::vector<float> padded;
-  padded.assign(kPixels * (K + 2 * N), 0.0f);
-  float* pin = padded.data();
-  float* padd = pin + kPixels * K;
-  float* pout = padd + kPixels * N;
-  std::memcpy(pin, in + full * K, sizeof(float) * rest * K);
-  if (add != nullptr) std::memcpy(padd, add + full * N, sizeof(float) * rest * N);
-  PointwiseBlocks<kAct>(pw, pin, kPixels, add == nullptr ? nullptr : padd, pout);
-  std::memcpy(out + full * N, pout, sizeof(float) * rest * N);
 }
 
 void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
@@ -320,23 +332,43 @@ void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const fl
   else Pointwise1x1<kIdentity>(pw, in, pixels, add, out);
 }
 
-// What eval mode runs around a depthwise convolution in the same pass, one output row at a time (all optional):
-// - on its input rows: act(x * scale + shift) (`pro`: the BN + activation of the 1x1 expansion XLA ran before), or
-//   the whole expansion act((x @ w) * scale + shift) (`expand`);
-// - on its output row: act(y * scale + shift) (`epi`: its own BN + activation), then the 1x1 projection
-//   (y @ w) * scale + shift (`project`), plus the block's input row when `residual`.
+// What eval mode runs around a depthwise convolution in the same pass (all optional): on its input, the 1x1
+// expansion act((x @ w) * scale + shift) (`expand`); on its output, act(y * scale + shift) (`epi`: its own BN +
+// activation), the rows' channel sums (`row_sums`, for the SE's global pool), then the 1x1 projection
+// (y @ w) * scale + shift (`project`), plus the block's input when `residual`.
 struct Fused {
-  Epilogue pro;
   Pointwise expand;
   Epilogue epi;
   Pointwise project;
   bool residual = false;
+  float* row_sums = nullptr;  // (N * Ho, C): each output row's sum over its pixels
 };
 
+// dst[:C] = sum over `pixels` pixels of src (pixels x C), in vector registers.
+void SumPixelRow(const float* src, int64_t pixels, int64_t C, float* dst) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    Vec8 acc{};
+    for (int64_t m = 0; m < pixels; ++m) acc += Load<Vec8>(src + m * C + c);
+    Store<Vec8>(dst + c, acc);
+  }
+  for (; c < C; ++c) {
+    float acc = 0.0f;
+    for (int64_t m = 0; m < pixels; ++m) acc += src[m * C + c];
+    dst[c] = acc;
+  }
+}
+
+// Rows per 1x1 call: each call reads all of its weights, so narrow maps take several rows at a time (~64 pixels).
+// One 7- or 14-pixel row per call left the late layers, whose weights (up to 2 x 600 KB) do not fit in L2, bound by
+// reading weights: 1.3-1.7x slower than XLA's own matmuls.
+inline int64_t RowsPerCall(int64_t width) { return std::max<int64_t>(1, (64 + width - 1) / width); }
+
 // y[b, r, q, :] = sum_ij x[b, r*S+i-P, q*S+j-P, :] * w[i, j, :]: output row (b, r) is one line, a = S, taps (i, j)
-// in order with col = j - P. Transformed input rows (f.pro, f.expand) go to a per-thread ring of K rows: each is
-// computed once per chunk of output rows, and the padding stays zero (taps outside x are skipped). With a
-// projection, the depthwise output row is a per-thread scratch row that never reaches memory as a feature map.
+// in order with col = j - P. With an expansion, expanded input rows live in a per-thread ring, computed a few rows
+// per call as the output rows advance (each once per chunk of output rows); the padding stays zero (taps outside x
+// are skipped). With a projection, depthwise output rows collect in a per-thread scratch buffer and are projected a
+// few rows at a time: neither the expanded nor the depthwise map is ever written to memory whole.
 ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                                 ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Fused& f) {
   Geometry g;
@@ -345,40 +377,57 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
-  const int64_t C = f.expand.w != nullptr ? f.expand.cout : g.c;  // the depthwise convolution's channels
-  const int64_t cy = f.project.w != nullptr ? f.project.cout : C;
-  const bool transform = f.pro.scale != nullptr || f.expand.w != nullptr;
+  const bool expand = f.expand.w != nullptr, project = f.project.w != nullptr;
+  const int64_t C = expand ? f.expand.cout : g.c;  // the depthwise convolution's channels
+  const int64_t cy = project ? f.project.cout : C;
   const int64_t x_row = g.w * g.c, row_size = g.w * C;
+  // Rows [lo, lo + K) are needed for one output row and a call adds up to batch_in rows past the first missing one.
+  const int64_t batch_in = expand ? std::min(g.h, RowsPerCall(g.w)) : 0;
+  const int64_t capacity = expand ? g.k + batch_in - 1 : 0;
+  const int64_t batch_out = project ? std::min(g.n * g.ho, RowsPerCall(g.wo)) : 0;
   ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<Tap> taps(g.k * g.k);
-    std::vector<float> ring(transform ? g.k * row_size : 0);  // input row hi in slot hi % K
-    std::vector<int64_t> ring_row(g.k, -1);                    // which (b * H + hi) each slot holds
-    std::vector<float> scratch(f.project.w != nullptr ? g.wo * C : 0);
+    std::vector<float> ring(capacity * row_size);  // expanded input row hi in slot hi % capacity
+    std::vector<int64_t> ring_row(capacity, -1);    // which (b * H + hi) each slot holds
+    std::vector<float> scratch(batch_out * g.wo * C);
+    int64_t first = begin, pending = 0;  // scratch holds depthwise output rows [first, first + pending)
+    auto project_pending = [&]() {  // consecutive rows of y (and of x for the residual: stride 1, same size)
+      if (pending == 0) return;
+      Pointwise1x1(f.project, scratch.data(), pending * g.wo, f.residual ? xd + first * x_row : nullptr,
+                   yd + first * g.wo * cy);
+      pending = 0;
+    };
+    auto expand_rows = [&](int64_t b, int64_t from, int64_t to) {  // input rows [from, to) of image b
+      for (int64_t hi = from; hi < to;) {  // in at most two runs of consecutive slots
+        const int64_t slot = hi % capacity, run = std::min(to - hi, capacity - slot);
+        Pointwise1x1(f.expand, xd + (b * g.h + hi) * x_row, run * g.w, nullptr, ring.data() + slot * row_size);
+        for (int64_t t = 0; t < run; ++t) ring_row[slot + t] = b * g.h + hi + t;
+        hi += run;
+      }
+    };
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.ho, r = row % g.ho;
+      if (expand) {
+        const int64_t lo = std::max<int64_t>(0, r * g.s - g.p), hi_end = std::min(g.h, r * g.s - g.p + g.k);
+        int64_t missing = lo;
+        while (missing < hi_end && ring_row[missing % capacity] == b * g.h + missing) ++missing;
+        if (missing < hi_end) expand_rows(b, missing, std::min(g.h, std::max(hi_end, missing + batch_in)));
+      }
       int64_t n = 0;
       for (int64_t i = 0; i < g.k; ++i) {
         const int64_t hi = r * g.s + i - g.p;
         if (hi < 0 || hi >= g.h) continue;
-        const float* in = xd + (b * g.h + hi) * x_row;
-        if (transform) {  // the K rows of one output row are consecutive, so their slots differ
-          const int64_t slot = hi % g.k, input_row = b * g.h + hi;
-          float* transformed = ring.data() + slot * row_size;
-          if (ring_row[slot] != input_row) {
-            if (f.expand.w != nullptr) Pointwise1x1(f.expand, in, g.w, nullptr, transformed);
-            else ApplyEpilogue(f.pro, in, transformed, g.w, C);
-          }
-          ring_row[slot] = input_row;
-          in = transformed;
-        }
+        const float* in = expand ? ring.data() + hi % capacity * row_size : xd + (b * g.h + hi) * x_row;
         for (int64_t j = 0; j < g.k; ++j) taps[n++] = {in, wd + (i * g.k + j) * C, j - g.p};
       }
-      float* out = f.project.w != nullptr ? scratch.data() : yd + row * g.wo * C;
+      if (pending == 0) first = row;
+      float* out = project ? scratch.data() + pending * g.wo * C : yd + row * g.wo * C;
       SumLine(taps.data(), n, g.s, g.w, C, g.wo, out, C);
       ApplyEpilogue(f.epi, out, out, g.wo, C);
-      if (f.project.w != nullptr)  // residual: stride 1 and same padding, so input row `row` is this output row
-        Pointwise1x1(f.project, out, g.wo, f.residual ? xd + row * x_row : nullptr, yd + row * g.wo * cy);
+      if (f.row_sums != nullptr) SumPixelRow(out, g.wo, C, f.row_sums + row * C);
+      if (project && ++pending == batch_out) project_pending();
     }
+    project_pending();
   });
   return ffi::Error::Success();
 }
@@ -398,22 +447,6 @@ ffi::Error DepthwiseForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   return DepthwiseForwardWith(pool, x, w, y, stride, padding, f);
 }
 
-// The same with the prologue: in_scale, in_shift and input_activation transform x before the convolution.
-ffi::Error DepthwiseForwardBnActIn(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                                   ffi::Buffer<ffi::F32> in_scale, ffi::Buffer<ffi::F32> in_shift,
-                                   ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
-                                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, int64_t activation,
-                                   int64_t input_activation) {
-  Epilogue pro, epi;
-  const int64_t c = x.dimensions().back();
-  if (auto e = MakeEpilogue(in_scale, in_shift, input_activation, c, &pro); e.failure()) return e;
-  if (auto e = MakeEpilogue(scale, shift, activation, c, &epi); e.failure()) return e;
-  Fused f;
-  f.pro = pro;
-  f.epi = epi;
-  return DepthwiseForwardWith(pool, x, w, y, stride, padding, f);
-}
-
 ffi::Error MakePointwise(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                          int64_t activation, int64_t cin, Pointwise* pw, std::vector<float>* panels) {
   auto d = w.dimensions();
@@ -424,6 +457,83 @@ ffi::Error MakePointwise(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, f
   pw->cout = d[1];
   PackPanels(pw, panels);
   return MakeEpilogue(scale, shift, activation, d[1], &pw->bn);
+}
+
+// f.expand (none if expand_w is empty) and f.epi of an inverted residual's [expansion] and depthwise layers.
+ffi::Error MakeExpandDepthwise(const ffi::Buffer<ffi::F32>& x, ffi::Buffer<ffi::F32> expand_w,
+                               ffi::Buffer<ffi::F32> expand_scale, ffi::Buffer<ffi::F32> expand_shift,
+                               const ffi::Buffer<ffi::F32>& w, ffi::Buffer<ffi::F32> scale,
+                               ffi::Buffer<ffi::F32> shift, int64_t activation, Fused* f,
+                               std::vector<float>* expand_panels) {
+  if (x.dimensions().size() != 4) return ffi::Error::InvalidArgument("inverted_residual: input must be NHWC (rank 4)");
+  const int64_t cin = x.dimensions().back();
+  if (expand_w.element_count() > 0) {
+    if (auto e = MakePointwise(expand_w, expand_scale, expand_shift, activation, cin, &f->expand, expand_panels);
+        e.failure())
+      return e;
+  }
+  const int64_t c = f->expand.w != nullptr ? f->expand.cout : cin;
+  auto wd = w.dimensions();
+  if (wd.size() != 3 || wd[0] != wd[1] || wd[2] != c)
+    return ffi::Error::InvalidArgument("inverted_residual: depthwise kernel must be (K, K, C), C the expanded width");
+  return MakeEpilogue(scale, shift, activation, c, &f->epi);
+}
+
+// The first half of an inverted residual with squeeze-excitation, eval mode: [1x1 expand + BN + act] -> depthwise
+// + BN + act into y, and each output row's channel sums into row_sums (N * Ho, C), from which the SE's global
+// average pool is a small sum; the expanded map exists only row by row in cache.
+ffi::Error ExpandDepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> expand_w,
+                                  ffi::Buffer<ffi::F32> expand_scale, ffi::Buffer<ffi::F32> expand_shift,
+                                  ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                                  ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> row_sums, int64_t stride,
+                                  int64_t padding, int64_t activation) {
+  Fused f;
+  std::vector<float> expand_panels;
+  if (auto e = MakeExpandDepthwise(x, expand_w, expand_scale, expand_shift, w, scale, shift, activation, &f,
+                                   &expand_panels);
+      e.failure())
+    return e;
+  f.row_sums = row_sums->typed_data();
+  return DepthwiseForwardWith(pool, x, w, y, stride, padding, f);
+}
+
+// Its second half: out = ((d * se[b]) @ w) * scale + shift (+ x), se (N, C) the SE's per-image channel scale. The
+// scale is folded into the weights once per image (C x Cout multiplies against Ho x Wo x C x Cout multiply-adds),
+// so d is read once and d * se never exists. An empty x means no residual.
+ffi::Error SeProjectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> se,
+                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                            ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
+  auto dd = d.dimensions();
+  if (dd.size() != 4) return ffi::Error::InvalidArgument("se_project: input must be NHWC (rank 4)");
+  const int64_t n = dd[0], h = dd[1], wd = dd[2], c = dd[3];
+  if (se.element_count() != static_cast<size_t>(n * c))
+    return ffi::Error::InvalidArgument("se_project: the SE scale must be (N, C)");
+  Pointwise base;
+  std::vector<float> unused;
+  if (auto e = MakePointwise(w, scale, shift, kIdentity, c, &base, &unused); e.failure()) return e;
+  const int64_t cout = base.cout;
+  if (x.element_count() != 0 && x.element_count() != static_cast<size_t>(n * h * wd * cout))
+    return ffi::Error::InvalidArgument("se_project: the residual must have the output's shape");
+  const float* dp = d.typed_data();
+  const float* sp = se.typed_data();
+  const float* xp = x.element_count() != 0 ? x.typed_data() : nullptr;
+  float* yp = y->typed_data();
+  ParallelFor(pool, n * h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    Pointwise pw = base;
+    std::vector<float> panels;
+    int64_t packed = -1;  // the image whose SE scale is in `panels`
+    for (int64_t row = begin; row < end;) {  // the chunk's rows of one image at a time: contiguous pixels
+      const int64_t image = row / h, rows = std::min(end, (image + 1) * h) - row;
+      if (image != packed) {
+        packed = image;
+        PackPanels(&pw, &panels, sp + image * c);
+      }
+      const int64_t p0 = row * wd;
+      Pointwise1x1(pw, dp + p0 * c, rows * wd, xp == nullptr ? nullptr : xp + p0 * cout, yp + p0 * cout);
+      row += rows;
+    }
+  });
+  return ffi::Error::Success();
 }
 
 // A whole MobileNetV3 inverted residual without squeeze-excitation, eval mode: [1x1 expand + BN + act] -> depthwise
@@ -437,20 +547,14 @@ ffi::Error InvertedResidualForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
                                    ffi::Buffer<ffi::F32> project_w, ffi::Buffer<ffi::F32> project_scale,
                                    ffi::Buffer<ffi::F32> project_shift, ffi::ResultBuffer<ffi::F32> y, int64_t stride,
                                    int64_t padding, int64_t activation, int64_t residual) {
-  if (x.dimensions().size() != 4) return ffi::Error::InvalidArgument("inverted_residual: input must be NHWC (rank 4)");
-  const int64_t cin = x.dimensions().back();
   Fused f;
   std::vector<float> expand_panels, project_panels;
-  if (expand_w.element_count() > 0) {
-    if (auto e = MakePointwise(expand_w, expand_scale, expand_shift, activation, cin, &f.expand, &expand_panels);
-        e.failure())
-      return e;
-  }
-  const int64_t c = f.expand.w != nullptr ? f.expand.cout : cin;
+  if (auto e = MakeExpandDepthwise(x, expand_w, expand_scale, expand_shift, w, scale, shift, activation, &f,
+                                   &expand_panels);
+      e.failure())
+    return e;
+  const int64_t cin = x.dimensions().back(), c = w.dimensions()[2];
   auto wd = w.dimensions();
-  if (wd.size() != 3 || wd[0] != wd[1] || wd[2] != c)
-    return ffi::Error::InvalidArgument("inverted_residual: depthwise kernel must be (K, K, C), C the expanded width");
-  if (auto e = MakeEpilogue(scale, shift, activation, c, &f.epi); e.failure()) return e;
   if (auto e = MakePointwise(project_w, project_scale, project_shift, kIdentity, c, &f.project, &project_panels);
       e.failure())
     return e;
@@ -573,66 +677,102 @@ Padded PadInput(ffi::ThreadPool& pool, const Geometry& g, const float* xd) {
   return out;
 }
 
+// Output row `row` (b * Ho + r) into out (Wo x Cout).
 template <int V, int Q>
-void DenseForwardBlocked(const Geometry& g, int64_t co, const Padded& xp, const float* wd, float* yd, int64_t begin,
-                         int64_t end) {
+void DenseForwardBlocked(const Geometry& g, int64_t co, const Padded& xp, const float* wd, int64_t row, float* yrow) {
   const int64_t cin = g.c;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / g.ho, r = row % g.ho;
-    for (int64_t o0 = 0; o0 < co; o0 += 8 * V) {
-      for (int64_t q0 = 0; q0 < g.wo; q0 += Q) {
-        Vec8 acc[Q][V];
-        for (int u = 0; u < Q; ++u)
-          for (int t = 0; t < V; ++t) acc[u][t] = Vec8{};
-        for (int64_t i = 0; i < g.k; ++i) {
-          const float* xrow = xp.data + (b * xp.hp + r * g.s + i) * xp.wp * cin;
-          for (int64_t j = 0; j < g.k; ++j) {
-            const float* wij = wd + (i * g.k + j) * cin * co + o0;
-            const float* x0 = xrow + (q0 * g.s + j) * cin;
-            for (int64_t c = 0; c < cin; ++c) {
-              const Vec8* wc = reinterpret_cast<const Vec8*>(wij + c * co);
-              for (int u = 0; u < Q; ++u) {
-                const float xv = x0[u * g.s * cin + c];  // past the row's end in a last partial block (discarded)
-                for (int t = 0; t < V; ++t) acc[u][t] += xv * wc[t];
-              }
+  const int64_t b = row / g.ho, r = row % g.ho;
+  for (int64_t o0 = 0; o0 < co; o0 += 8 * V) {
+    for (int64_t q0 = 0; q0 < g.wo; q0 += Q) {
+      Vec8 acc[Q][V];
+      for (int u = 0; u < Q; ++u)
+        for (int t = 0; t < V; ++t) acc[u][t] = Vec8{};
+      for (int64_t i = 0; i < g.k; ++i) {
+        const float* xrow = xp.data + (b * xp.hp + r * g.s + i) * xp.wp * cin;
+        for (int64_t j = 0; j < g.k; ++j) {
+          const float* wij = wd + (i * g.k + j) * cin * co + o0;
+          const float* x0 = xrow + (q0 * g.s + j) * cin;
+          for (int64_t c = 0; c < cin; ++c) {
+            const Vec8* wc = reinterpret_cast<const Vec8*>(wij + c * co);
+            for (int u = 0; u < Q; ++u) {
+              const float xv = x0[u * g.s * cin + c];  // past the row's end in a last partial block (discarded)
+              for (int t = 0; t < V; ++t) acc[u][t] += xv * wc[t];
             }
           }
         }
-        for (int u = 0; u < Q && q0 + u < g.wo; ++u) {
-          Vec8* out = reinterpret_cast<Vec8*>(yd + (row * g.wo + q0 + u) * co + o0);
-          for (int t = 0; t < V; ++t) out[t] = acc[u][t];
+      }
+      for (int u = 0; u < Q && q0 + u < g.wo; ++u) {
+        Vec8* out = reinterpret_cast<Vec8*>(yrow + (q0 + u) * co + o0);
+        for (int t = 0; t < V; ++t) out[t] = acc[u][t];
+      }
+    }
+  }
+}
+
+void DenseForwardPlain(const Geometry& g, int64_t co, const Padded& xp, const float* wd, int64_t row, float* yrow) {
+  const int64_t cin = g.c;
+  const int64_t b = row / g.ho, r = row % g.ho;
+  for (int64_t q = 0; q < g.wo; ++q) {
+    float* out = yrow + q * co;
+    std::fill(out, out + co, 0.0f);
+    for (int64_t i = 0; i < g.k; ++i) {
+      const float* xrow = xp.data + (b * xp.hp + r * g.s + i) * xp.wp * cin;
+      for (int64_t j = 0; j < g.k; ++j) {
+        const float* xi = xrow + (q * g.s + j) * cin;
+        const float* wij = wd + (i * g.k + j) * cin * co;
+        for (int64_t c = 0; c < cin; ++c) {
+          const float xv = xi[c];
+          const float* wc = wij + c * co;
+          for (int64_t o = 0; o < co; ++o) out[o] += xv * wc[o];
         }
       }
     }
   }
 }
 
-void DenseForwardRows(const Geometry& g, int64_t co, const Padded& xp, const float* wd, float* yd, int64_t begin,
-                      int64_t end) {
-  const int64_t cin = g.c;
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t b = row / g.ho, r = row % g.ho;
-    for (int64_t q = 0; q < g.wo; ++q) {
-      float* out = yd + (row * g.wo + q) * co;
-      std::fill(out, out + co, 0.0f);
-      for (int64_t i = 0; i < g.k; ++i) {
-        const float* xrow = xp.data + (b * xp.hp + r * g.s + i) * xp.wp * cin;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const float* xi = xrow + (q * g.s + j) * cin;
-          const float* wij = wd + (i * g.k + j) * cin * co;
-          for (int64_t c = 0; c < cin; ++c) {
-            const float xv = xi[c];
-            const float* wc = wij + c * co;
-            for (int64_t o = 0; o < co; ++o) out[o] += xv * wc[o];
-          }
+// One output row of the convolution, then the epilogue while it is in cache.
+void DenseForwardRow(const Geometry& g, int64_t co, const Padded& xp, const float* wd, const Epilogue& epi,
+                     int64_t row, float* yrow) {
+  if (co % 32 == 0) DenseForwardBlocked<4, 3>(g, co, xp, wd, row, yrow);
+  else if (co % 16 == 0) DenseForwardBlocked<2, 6>(g, co, xp, wd, row, yrow);
+  else if (co % 8 == 0) DenseForwardBlocked<1, 8>(g, co, xp, wd, row, yrow);
+  else DenseForwardPlain(g, co, xp, wd, row, yrow);
+  ApplyEpilogue(epi, yrow, yrow, g.wo, co);
+}
+
+// ResNet's MaxPool2d(3, stride 2, padding 1) over the convolution's output, eval mode: pooled row (b, pr) takes
+// the max over convolution rows 2pr-1 .. 2pr+1 and columns 2q-1 .. 2q+1 (those inside the map: the padding is -inf,
+// so it never wins). The convolution rows are computed into a per-thread ring of 3 (each once per chunk of pooled
+// rows), so the full-resolution map (32 x 112 x 112 x 64 floats at 224 px) is never written: XLA's reduce_window
+// over it took a third as long as the convolution.
+constexpr int64_t kPool = 3, kPoolStride = 2, kPoolPadding = 1;
+
+void MaxPoolRow(const float* const* rows, int64_t n_rows, int64_t wo, int64_t co, int64_t wp, float* out) {
+  for (int64_t q = 0; q < wp; ++q) {
+    const int64_t c_lo = std::max<int64_t>(0, q * kPoolStride - kPoolPadding);
+    const int64_t c_hi = std::min<int64_t>(wo, q * kPoolStride - kPoolPadding + kPool);
+    int64_t c = 0;
+    for (; c + 8 <= co; c += 8) {
+      Vec8 m = Load<Vec8>(rows[0] + c_lo * co + c);
+      for (int64_t i = 0; i < n_rows; ++i)
+        for (int64_t col = c_lo; col < c_hi; ++col) {
+          const Vec8 v = Load<Vec8>(rows[i] + col * co + c);
+          m = v > m ? v : m;
         }
-      }
+      Store<Vec8>(out + q * co + c, m);
+    }
+    for (; c < co; ++c) {
+      float m = rows[0][c_lo * co + c];
+      for (int64_t i = 0; i < n_rows; ++i)
+        for (int64_t col = c_lo; col < c_hi; ++col) m = std::max(m, rows[i][col * co + c]);
+      out[q * co + c] = m;
     }
   }
 }
 
 ffi::Error DenseConvForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                                ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Epilogue& epi) {
+                                ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Epilogue& epi,
+                                bool max_pool = false) {
   Geometry g;
   auto wdim = w.dimensions();
   if (wdim.size() != 4) return ffi::Error::InvalidArgument("dense_conv: kernel must be (K, K, Cin, Cout)");
@@ -641,13 +781,32 @@ ffi::Error DenseConvForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
   const Padded xp = PadInput(pool, g, x.typed_data());
-  ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
-    for (int64_t row = begin; row < end; ++row) {  // one output row at a time, so the epilogue finds it in cache
-      if (co % 32 == 0) DenseForwardBlocked<4, 3>(g, co, xp, wd, yd, row, row + 1);
-      else if (co % 16 == 0) DenseForwardBlocked<2, 6>(g, co, xp, wd, yd, row, row + 1);
-      else if (co % 8 == 0) DenseForwardBlocked<1, 8>(g, co, xp, wd, yd, row, row + 1);
-      else DenseForwardRows(g, co, xp, wd, yd, row, row + 1);
-      ApplyEpilogue(epi, yd + row * g.wo * co, yd + row * g.wo * co, g.wo, co);
+  if (!max_pool) {
+    ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+      for (int64_t row = begin; row < end; ++row) DenseForwardRow(g, co, xp, wd, epi, row, yd + row * g.wo * co);
+    });
+    return ffi::Error::Success();
+  }
+  const int64_t hp = (g.ho + 2 * kPoolPadding - kPool) / kPoolStride + 1;
+  const int64_t wp = (g.wo + 2 * kPoolPadding - kPool) / kPoolStride + 1;
+  const int64_t row_size = g.wo * co;
+  ParallelFor(pool, g.n * hp, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    std::vector<float> ring(kPool * row_size);  // convolution row r in slot r % 3
+    std::vector<int64_t> ring_row(kPool, -1);    // which (b * Ho + r) each slot holds
+    for (int64_t prow = begin; prow < end; ++prow) {
+      const int64_t b = prow / hp, pr = prow % hp;
+      const float* rows[kPool];
+      int64_t n_rows = 0;
+      for (int64_t i = 0; i < kPool; ++i) {
+        const int64_t r = pr * kPoolStride - kPoolPadding + i;
+        if (r < 0 || r >= g.ho) continue;
+        const int64_t slot = r % kPool, conv_row = b * g.ho + r;
+        float* yrow = ring.data() + slot * row_size;
+        if (ring_row[slot] != conv_row) DenseForwardRow(g, co, xp, wd, epi, conv_row, yrow);
+        ring_row[slot] = conv_row;
+        rows[n_rows++] = yrow;
+      }
+      MaxPoolRow(rows, n_rows, g.wo, co, wp, yd + prow * wp * co);
     }
   });
   return ffi::Error::Success();
@@ -664,6 +823,16 @@ ffi::Error DenseConvForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   Epilogue epi;
   if (auto e = MakeEpilogue(scale, shift, activation, w.dimensions().back(), &epi); e.failure()) return e;
   return DenseConvForwardWith(pool, x, w, y, stride, padding, epi);
+}
+
+// The same followed by ResNet's 3x3 stride-2 max pool (the V2 stem in eval mode).
+ffi::Error DenseConvForwardBnActMaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                                       ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
+                                       ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding,
+                                       int64_t activation) {
+  Epilogue epi;
+  if (auto e = MakeEpilogue(scale, shift, activation, w.dimensions().back(), &epi); e.failure()) return e;
+  return DenseConvForwardWith(pool, x, w, y, stride, padding, epi, /*max_pool=*/true);
 }
 
 // dw[i, j, c, :] = sum_{b, r, q} x[b, r*S+i-P, q*S+j-P, c] * dy[b, r, q, :], accumulated per chunk of output rows
@@ -772,21 +941,33 @@ static auto ForwardBnAct() {
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForwardBnAct, DepthwiseForwardBnAct, ForwardBnAct());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseForwardBnActIn, DepthwiseForwardBnActIn,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnAct, DenseConvForwardBnAct, ForwardBnAct());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnActMaxPool, DenseConvForwardBnActMaxPool, ForwardBnAct());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileExpandDepthwiseForward, ExpandDepthwiseForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // in_shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_w (Cin, C), or empty
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w (K, K, C)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // shift
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // row_sums (N * Ho, C)
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding")
-                                  .Attr<int64_t>("activation")
-                                  .Attr<int64_t>("input_activation"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnAct, DenseConvForwardBnAct, ForwardBnAct());
+                                  .Attr<int64_t>("activation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileSeProjectForward, SeProjectForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d (N, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // se (N, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w (C, Cout)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (N, H, W, Cout), or empty
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileInvertedResidualForward, InvertedResidualForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

@@ -40,8 +40,10 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_dense_conv_kernel_grad": "ResmobileDenseConvKernelGrad",
     "resmobile_depthwise_forward_bn_act": "ResmobileDepthwiseForwardBnAct",
     "resmobile_dense_conv_forward_bn_act": "ResmobileDenseConvForwardBnAct",
-    "resmobile_depthwise_forward_bn_act_in": "ResmobileDepthwiseForwardBnActIn",
     "resmobile_inverted_residual_forward": "ResmobileInvertedResidualForward",
+    "resmobile_dense_conv_forward_bn_act_max_pool": "ResmobileDenseConvForwardBnActMaxPool",
+    "resmobile_expand_depthwise_forward": "ResmobileExpandDepthwiseForward",
+    "resmobile_se_project_forward": "ResmobileSeProjectForward",
 }
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
@@ -132,11 +134,15 @@ def _output_hw(x_shape, k: int, stride: int, padding: int) -> tuple[int, int]:
     return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
 
 
-def _call(target: str, out_shape, *args, stride: int, padding: int, **attributes: int):
+def _call(target: str, out_shape, *args, **attributes: int):
+    """`out_shape`: one shape, or a list of shapes for a kernel with several outputs (then a list of arrays)."""
+    if isinstance(out_shape, list):
+        result = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in out_shape]
+    else:
+        result = jax.ShapeDtypeStruct(out_shape, jnp.float32)
     # "sequential": under vmap, one call per example (correct, not fast; the model is never vmapped).
-    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(out_shape, jnp.float32), vmap_method="sequential")
-    return call(*args, stride=np.int64(stride), padding=np.int64(padding),
-                **{k: np.int64(v) for k, v in attributes.items()})
+    call = jax.ffi.ffi_call(target, result, vmap_method="sequential")
+    return call(*args, **{k: np.int64(v) for k, v in attributes.items()})
 
 
 def _forward(x, w, stride, padding):
@@ -211,26 +217,31 @@ _dense_conv.defvjp(_dense_fwd, _dense_bwd)
 
 
 def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, padding: int, *, depthwise: bool,
-                        input_bn_act=None):
+                        max_pool: bool = False):
     """act(conv(x, w) * scale + shift) in one kernel call: eval-mode BatchNorm (scale and shift per output channel,
-    float32) and the activation applied to each output row as it is produced. `input_bn_act` = (in_scale, in_shift,
-    activation name), depthwise only: x is first replaced by act(x * in_scale + in_shift), row by row inside the
-    kernel. Forward only; its gradient is layers.conv_bn_act_kernel's."""
+    float32) and the activation applied to each output row as it is produced. `max_pool`, dense only: then ResNet's
+    MaxPool2d(3, stride=2, padding=1). Forward only; its gradient is layers.conv_bn_act_kernel's."""
     require()
     k, cout = w.shape[0], w.shape[-1]
     ho, wo = _output_hw(x.shape, k, stride, padding)
-    f32 = jnp.float32
-    attrs = dict(stride=stride, padding=padding, activation=ACTIVATION_CODES[activation])
-    if input_bn_act is not None:
-        if not depthwise:
-            raise ValueError("input_bn_act is implemented for the depthwise kernel only")
-        in_scale, in_shift, input_activation = input_bn_act
-        return _call("resmobile_depthwise_forward_bn_act_in", (x.shape[0], ho, wo, cout), x, w.reshape(k, k, cout),
-                     in_scale.astype(f32), in_shift.astype(f32), scale.astype(f32), shift.astype(f32),
-                     input_activation=ACTIVATION_CODES[input_activation], **attrs)
-    args = (x, w.reshape(k, k, cout) if depthwise else w, scale.astype(f32), shift.astype(f32))
-    target = "resmobile_depthwise_forward_bn_act" if depthwise else "resmobile_dense_conv_forward_bn_act"
-    return _call(target, (x.shape[0], ho, wo, cout), *args, **attrs)
+    if depthwise:
+        if max_pool:
+            raise ValueError("max_pool is implemented for the dense kernel only")
+        target, w = "resmobile_depthwise_forward_bn_act", w.reshape(k, k, cout)
+    elif max_pool:
+        target, (ho, wo) = "resmobile_dense_conv_forward_bn_act_max_pool", _output_hw((0, ho, wo), 3, 2, 1)
+    else:
+        target = "resmobile_dense_conv_forward_bn_act"
+    return _call(target, (x.shape[0], ho, wo, cout), x, w, scale.astype(jnp.float32), shift.astype(jnp.float32),
+                 stride=stride, padding=padding, activation=ACTIVATION_CODES[activation])
+
+
+def _expand_depthwise_args(x, expand, depthwise):
+    empty = jnp.zeros((0,), jnp.float32)
+    we, e_scale, e_shift = (empty, empty, empty) if expand is None else expand
+    wd, d_scale, d_shift = depthwise
+    k, c = wd.shape[0], wd.shape[-1]
+    return [a.astype(jnp.float32) for a in (x, we, e_scale, e_shift, wd.reshape(k, k, c), d_scale, d_shift)]
 
 
 def inverted_residual_forward(x, expand, depthwise, project, activation: str, stride: int, padding: int,
@@ -240,13 +251,32 @@ def inverted_residual_forward(x, expand, depthwise, project, activation: str, st
     (scale, shift). `expand` = (We (Cin, C), scale, shift) or None, `depthwise` = (Wd (K, K, 1, C), scale, shift),
     `project` = (Wp (C, Cout), scale, shift). Forward only; its gradient is blocks.inverted_residual_kernel's."""
     require()
-    f32 = jnp.float32
-    empty = jnp.zeros((0,), f32)
-    we, e_scale, e_shift = (empty, empty, empty) if expand is None else expand
-    wd, d_scale, d_shift = depthwise
     wp, p_scale, p_shift = project
-    k, c = wd.shape[0], wd.shape[-1]
-    ho, wo = _output_hw(x.shape, k, stride, padding)
-    args = [x, we, e_scale, e_shift, wd.reshape(k, k, c), d_scale, d_shift, wp, p_scale, p_shift]
-    return _call("resmobile_inverted_residual_forward", (x.shape[0], ho, wo, wp.shape[-1]), *[a.astype(f32) for a in args],
+    ho, wo = _output_hw(x.shape, depthwise[0].shape[0], stride, padding)
+    args = [*_expand_depthwise_args(x, expand, depthwise), *(a.astype(jnp.float32) for a in project)]
+    return _call("resmobile_inverted_residual_forward", (x.shape[0], ho, wo, wp.shape[-1]), *args,
                  stride=stride, padding=padding, activation=ACTIVATION_CODES[activation], residual=int(residual))
+
+
+def expand_depthwise_forward(x, expand, depthwise, activation: str, stride: int, padding: int):
+    """The first half of an eval-mode inverted residual with squeeze-excitation: y = act(depthwise([act(x @ We * s
+    + b)], Wd) * s + b) and its global average pool (N, C), the expanded map never written. Arguments as for
+    inverted_residual_forward."""
+    require()
+    n, c = x.shape[0], depthwise[0].shape[-1]
+    ho, wo = _output_hw(x.shape, depthwise[0].shape[0], stride, padding)
+    y, row_sums = _call("resmobile_expand_depthwise_forward", [(n, ho, wo, c), (n * ho, c)],
+                        *_expand_depthwise_args(x, expand, depthwise), stride=stride, padding=padding,
+                        activation=ACTIVATION_CODES[activation])
+    return y, row_sums.reshape(n, ho, c).sum(axis=1) / (ho * wo)
+
+
+def se_project_forward(d, se_scale, project, residual_input=None):
+    """The second half: ((d * se_scale[:, None, None, :]) @ Wp) * s + b [+ residual_input], `project` = (Wp (C,
+    Cout), scale, shift), the SE scale folded into Wp per image."""
+    require()
+    f32 = jnp.float32
+    wp = project[0]
+    res = jnp.zeros((0,), f32) if residual_input is None else residual_input.astype(f32)
+    return _call("resmobile_se_project_forward", (*d.shape[:3], wp.shape[-1]), d.astype(f32), se_scale.astype(f32),
+                 *(a.astype(f32) for a in project), res)

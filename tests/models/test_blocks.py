@@ -1,7 +1,8 @@
 """The blocks' eval-mode kernel fusion, computing what the unfused layers compute (themselves tested against torch in
 test_layers.py; the whole network in eval mode against torchvision in tests/convert/test_parity.py): an inverted
 residual without squeeze-excitation is one C++ kernel call (expansion, depthwise, projection, their BNs and
-activations, the residual); one with SE runs its expansion's BN + activation inside the depthwise kernel."""
+activations, the residual); one with SE two (expansion + depthwise + the pool's sums; the projection with the SE
+scale folded into its weights, BN and residual) around the SE's matmuls."""
 
 import jax
 import jax.numpy as jnp

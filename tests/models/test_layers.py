@@ -100,24 +100,26 @@ def test_pointwise_conv_and_gradients_match_torch(stride, impl, rng):
         layers.Conv(4, 4, 1, pointwise_impl="gemm", rng=np.random.default_rng(0))
 
 
-def test_max_pool_pads_with_minus_infinity(rng):
-    x = -np.abs(rng.standard_normal((2, 4, 7, 6))).astype(np.float32) - 1.0  # all negative: zero padding would win
+@pytest.mark.parametrize("impl", ["xla", "cpu_kernel"])
+def test_max_pool_pads_with_minus_infinity(impl, rng):
+    x = -np.abs(rng.standard_normal((2, 11, 7, 6))).astype(np.float32) - 1.0  # all negative: zero padding would win
     ref = torch.nn.MaxPool2d(3, 2, 1)(torch.from_numpy(x)).numpy().transpose(0, 2, 3, 1)
-    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x.transpose(0, 2, 3, 1))))
+    out = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x.transpose(0, 2, 3, 1)), impl))
     np.testing.assert_array_equal(out, ref)
     assert out.max() < 0
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu_kernel"])
 @pytest.mark.parametrize("hw", [(16, 16), (17, 17), (30, 13)])
-def test_max_pool_gradient_matches_torch_including_ties(hw, rng):
+def test_max_pool_gradient_matches_torch_including_ties(hw, impl, rng):
     """The hand-written backward routes each output's gradient to its window's first maximum, as PyTorch does; ReLU
     zeros and repeated positive values make ties everywhere."""
     import jax
 
-    x = np.maximum(rng.standard_normal((2, *hw, 5)).astype(np.float32), 0)
+    x = np.maximum(rng.standard_normal((2, *hw, 13)).astype(np.float32), 0)  # 13 channels: vectors and a tail
     x[:, ::3, ::2] = 1.5
-    g = rng.standard_normal((2, (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1, 5)).astype(np.float32)
-    y, pullback = jax.vjp(layers.max_pool_3x3_s2, jnp.asarray(x))
+    g = rng.standard_normal((2, (hw[0] - 1) // 2 + 1, (hw[1] - 1) // 2 + 1, 13)).astype(np.float32)
+    y, pullback = jax.vjp(lambda x: layers.max_pool_3x3_s2(x, impl), jnp.asarray(x))
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
     yt = torch.nn.functional.max_pool2d(xt, 3, 2, 1)
     yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))

@@ -42,6 +42,7 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_dense_conv_forward_bn_act": "ResmobileDenseConvForwardBnAct",
     "resmobile_inverted_residual_forward": "ResmobileInvertedResidualForward",
     "resmobile_dense_conv_forward_bn_act_max_pool": "ResmobileDenseConvForwardBnActMaxPool",
+    "resmobile_max_pool_forward": "ResmobileMaxPoolForward",
     "resmobile_expand_depthwise_forward": "ResmobileExpandDepthwiseForward",
     "resmobile_se_project_forward": "ResmobileSeProjectForward",
 }
@@ -214,6 +215,13 @@ def _dense_bwd(stride, padding, residuals, g):
 
 
 _dense_conv.defvjp(_dense_fwd, _dense_bwd)
+
+
+def max_pool_forward(x):
+    """ResNet's MaxPool2d(3, stride=2, padding=1), x (N, H, W, C) float32. Forward only; its gradient is
+    layers.max_pool_3x3_s2's."""
+    require()
+    return _call("resmobile_max_pool_forward", (x.shape[0], *_output_hw(x.shape, 3, 2, 1), x.shape[-1]), x)
 
 
 def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, padding: int, *, depthwise: bool,

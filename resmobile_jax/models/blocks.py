@@ -53,6 +53,13 @@ def se_channel_scale(pooled, weights):
     return hard_sigmoid(jax.nn.relu(pooled @ w1 + b1) @ w2 + b2)
 
 
+# Eval mode fuses an inverted residual into C++ kernel calls only where its expanded map is this big (bytes, float32):
+# there the saved passes over memory win. On small maps (64 px inputs, batch-1 latency) XLA's matmuls, which reuse
+# their weights over all pixels at once, were faster than the fused kernels' row-wise 1x1s (64 px batch 32: 16-19
+# vs 22-29 ms for V1; batch 1 at 224 px: 7.5-10 vs 9-12 ms).
+FUSED_BLOCK_MIN_BYTES = 4 << 20
+
+
 class InvertedResidual(nnx.Module):
     """MobileNetV3 block: [1x1 expand] -> kxk depthwise -> [SE] -> 1x1 project (linear), residual if shape allows."""
 
@@ -84,14 +91,16 @@ class InvertedResidual(nnx.Module):
         )
         self.project = ConvBNAct(spec.expanded, spec.out_channels, 1, activation="identity", **kw)
 
-    def runs_as_kernels(self, dtype) -> bool:
-        """Eval mode with the C++ depthwise kernel: the whole block runs as one kernel call, or two around the SE's
-        small matmuls (inverted_residual_kernel)."""
-        return self.depthwise.runs_as_one_kernel(dtype)
+    def runs_as_kernels(self, x) -> bool:
+        """Eval mode with the C++ depthwise kernel and a big expanded map (FUSED_BLOCK_MIN_BYTES): the whole block
+        runs as one kernel call, or two around the SE's small matmuls (inverted_residual_kernel)."""
+        expanded_bytes = x.size // x.shape[-1] * self.spec.expanded * 4
+        return (self.depthwise.runs_as_one_kernel(self.depthwise.conv.dtype or x.dtype)
+                and expanded_bytes >= FUSED_BLOCK_MIN_BYTES)
 
     def __call__(self, x):
         dtype = self.depthwise.conv.dtype or x.dtype
-        if self.runs_as_kernels(dtype):
+        if self.runs_as_kernels(x):
             expand = None
             if self.expand is not None:
                 w, scale, shift = self.expand.folded()

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from resmobile_jax.models.architecture import MOBILENET_V3_LARGE_BLOCKS, InvertedResidualSpec, mid_block_specs
+from resmobile_jax.models import blocks
 from resmobile_jax.models.blocks import InvertedResidual
 
 
@@ -43,13 +44,16 @@ BLOCKS = {
 }
 
 
+# Batch 1: few rows, the kernel expands all input rows first; batch 16: it expands rows into a ring as it goes
+@pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("name", list(BLOCKS))
-def test_eval_inverted_residual_fuses_into_one_kernel_call(name, rng):
+def test_eval_inverted_residual_fuses_into_one_kernel_call(name, batch, rng, monkeypatch):
+    monkeypatch.setattr(blocks, "FUSED_BLOCK_MIN_BYTES", 0)  # these maps are small
     spec = BLOCKS[name]
     block = InvertedResidual(spec, rng=np.random.default_rng(0))
     random_bn_statistics(block, rng)
     block.eval()
-    x = jnp.asarray(rng.standard_normal((2, 13, 11, spec.in_channels)), jnp.float32)  # 11 px: partial pixel blocks
+    x = jnp.asarray(rng.standard_normal((batch, 13, 11, spec.in_channels)), jnp.float32)  # 11 px: partial blocks
 
     def compiled(block):
         graphdef, params, rest = nnx.split(block, nnx.Param, ...)
@@ -80,3 +84,21 @@ def test_eval_inverted_residual_fuses_into_one_kernel_call(name, rng):
 
     for got, want in zip(jax.tree.leaves(gradients(fused)), jax.tree.leaves(gradients(unfused))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_small_maps_stay_with_xla_matmuls(rng):
+    """Below FUSED_BLOCK_MIN_BYTES of expanded map the block runs XLA's matmuls and the depthwise kernel with its BN
+    epilogue; above, the fused calls."""
+    spec = MOBILENET_V3_LARGE_BLOCKS[2]  # 24 -> 72
+    block = InvertedResidual(spec, rng=np.random.default_rng(0))
+    block.eval()
+    graphdef, state = nnx.split(block)
+
+    def lowered(hw):
+        x = jnp.zeros((1, hw, hw, spec.in_channels), jnp.float32)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+
+    small = lowered(8)  # 8 * 8 * 72 * 4 bytes
+    assert "inverted_residual" not in small and "@resmobile_depthwise_forward_bn_act(" in small
+    side = int(np.ceil(np.sqrt(blocks.FUSED_BLOCK_MIN_BYTES / (4 * spec.expanded))))
+    assert "@resmobile_inverted_residual_forward(" in lowered(side)

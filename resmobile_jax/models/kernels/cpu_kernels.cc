@@ -246,30 +246,27 @@ struct Pointwise {
 // The panels' widths: 16, then 8, then what is left.
 inline int64_t PanelWidth(int64_t c, int64_t N) { return N - c >= 16 ? 16 : N - c >= 8 ? 8 : N - c; }
 
-// Fills `storage` with w's panels; with `row_scale`, row k of w is multiplied by row_scale[k] (a per-channel scale
-// of the 1x1 convolution's input, folded into its weights).
-void PackPanels(Pointwise* pw, std::vector<float>* storage, const float* row_scale = nullptr) {
+// Fills `storage` with w's panels.
+void PackPanels(Pointwise* pw, std::vector<float>* storage) {
   const int64_t K = pw->cin, N = pw->cout;
   storage->resize(K * N);
   for (int64_t c = 0, width = 0; c < N; c += width) {
     width = PanelWidth(c, N);
-    for (int64_t k = 0; k < K; ++k) {
-      float* dst = storage->data() + c * K + k * width;
-      const float* src = pw->w + k * N + c;
-      if (row_scale == nullptr) std::memcpy(dst, src, sizeof(float) * width);
-      else for (int64_t l = 0; l < width; ++l) dst[l] = src[l] * row_scale[k];
-    }
+    for (int64_t k = 0; k < K; ++k)
+      std::memcpy(storage->data() + c * K + k * width, pw->w + k * N + c, sizeof(float) * width);
   }
   pw->panels = storage->data();
 }
 
+// Output channels [c0, c0 + 8 NV) of Q pixels; `panel` is those channels' panel, (cin, 8 NV).
 template <int Q, int NV, int64_t kAct>
-inline void PointwiseBlock(const Pointwise& pw, const float* in, const float* add, float* out, int64_t c0) {
+inline void PointwiseBlock(const Pointwise& pw, const float* panel, const float* in, const float* add, float* out,
+                           int64_t c0) {
   const int64_t K = pw.cin, N = pw.cout;
   Vec8 acc[Q][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
     Vec8 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = Load<Vec8>(pw.panels + c0 * K + k * 8 * NV + 8 * v);
+    for (int v = 0; v < NV; ++v) wv[v] = Load<Vec8>(panel + k * 8 * NV + 8 * v);
     for (int u = 0; u < Q; ++u) {
       const Vec8 xv = Broadcast(in[u * K + k]);
       for (int v = 0; v < NV; ++v) acc[u][v] += xv * wv[v];
@@ -292,38 +289,45 @@ inline void PointwiseBlock(const Pointwise& pw, const float* in, const float* ad
 inline int NextBlock(int64_t rest) { return rest >= 9 ? 6 : rest >= 7 ? 4 : static_cast<int>(rest); }
 
 template <int NV, int64_t kAct>
-void PointwisePanel(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out, int64_t c) {
+void PointwisePixels(const Pointwise& pw, const float* panel, int64_t c, const float* in, int64_t pixels,
+                     const float* add, float* out) {
   const int64_t K = pw.cin, N = pw.cout;
   for (int64_t m = 0; m < pixels;) {
     const int q = NextBlock(pixels - m);
     const float* a = add == nullptr ? nullptr : add + m * N;
     switch (q) {
-      case 6: PointwiseBlock<6, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
-      case 5: PointwiseBlock<5, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
-      case 4: PointwiseBlock<4, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
-      case 3: PointwiseBlock<3, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
-      case 2: PointwiseBlock<2, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
-      default: PointwiseBlock<1, NV, kAct>(pw, in + m * K, a, out + m * N, c); break;
+      case 6: PointwiseBlock<6, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 5: PointwiseBlock<5, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 4: PointwiseBlock<4, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 3: PointwiseBlock<3, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 2: PointwiseBlock<2, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      default: PointwiseBlock<1, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
     }
     m += q;
   }
 }
 
+// One panel (channels [c, c + PanelWidth(c))) over all pixels.
 template <int64_t kAct>
-void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
-  const int64_t K = pw.cin, N = pw.cout;
-  int64_t c = 0;
-  for (; c + 16 <= N; c += 16) PointwisePanel<2, kAct>(pw, in, pixels, add, out, c);
-  for (; c + 8 <= N; c += 8) PointwisePanel<1, kAct>(pw, in, pixels, add, out, c);
-  const int64_t tail = c;  // a last panel narrower than 8
-  for (; c < N; ++c) {
-    for (int64_t m = 0; m < pixels; ++m) {
+void PointwisePanel(const Pointwise& pw, const float* panel, int64_t c, const float* in, int64_t pixels,
+                    const float* add, float* out) {
+  const int64_t K = pw.cin, N = pw.cout, width = PanelWidth(c, N);
+  if (width == 16) return PointwisePixels<2, kAct>(pw, panel, c, in, pixels, add, out);
+  if (width == 8) return PointwisePixels<1, kAct>(pw, panel, c, in, pixels, add, out);
+  for (int64_t m = 0; m < pixels; ++m) {  // a last panel narrower than 8
+    for (int64_t l = 0; l < width; ++l) {
       float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) sum += in[m * K + k] * pw.panels[tail * K + k * (N - tail) + c - tail];
-      const float t = Activate<kAct>(sum * pw.bn.scale[c] + pw.bn.shift[c]);
-      out[m * N + c] = add == nullptr ? t : t + add[m * N + c];
+      for (int64_t k = 0; k < K; ++k) sum += in[m * K + k] * panel[k * width + l];
+      const float t = Activate<kAct>(sum * pw.bn.scale[c + l] + pw.bn.shift[c + l]);
+      out[m * N + c + l] = add == nullptr ? t : t + add[m * N + c + l];
     }
   }
+}
+
+template <int64_t kAct>
+void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
+  for (int64_t c = 0; c < pw.cout; c += PanelWidth(c, pw.cout))
+    PointwisePanel<kAct>(pw, pw.panels + c * pw.cin, c, in, pixels, add, out);
 }
 
 void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
@@ -369,6 +373,9 @@ inline int64_t RowsPerCall(int64_t width) { return std::max<int64_t>(1, (64 + wi
 // per call as the output rows advance (each once per chunk of output rows); the padding stays zero (taps outside x
 // are skipped). With a projection, depthwise output rows collect in a per-thread scratch buffer and are projected a
 // few rows at a time: neither the expanded nor the depthwise map is ever written to memory whole.
+// With few output rows per chunk (small batches), a chunk's first K-1 input rows, which the chunk before computes
+// too, would be a large part of the expansion (batch 1, 7x7 map, k5: up to 5x its work), so the expansion is done
+// first over all input rows, in parallel, into one buffer (small, as the map is).
 ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                                 ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t padding, const Fused& f) {
   Geometry g;
@@ -377,10 +384,20 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const float* xd = x.typed_data();
   const float* wd = w.typed_data();
   float* yd = y->typed_data();
-  const bool expand = f.expand.w != nullptr, project = f.project.w != nullptr;
-  const int64_t C = expand ? f.expand.cout : g.c;  // the depthwise convolution's channels
+  const bool project = f.project.w != nullptr;
+  const int64_t C = f.expand.w != nullptr ? f.expand.cout : g.c;  // the depthwise convolution's channels
   const int64_t cy = project ? f.project.cout : C;
   const int64_t x_row = g.w * g.c, row_size = g.w * C;
+  std::vector<float> expanded;  // the staged expansion
+  const float* src = xd;        // the depthwise convolution's input rows, when not in a ring
+  if (f.expand.w != nullptr && g.n * g.ho < 2 * g.k * Pieces(pool)) {
+    expanded.resize(g.n * g.h * row_size);
+    ParallelFor(pool, g.n * g.h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+      Pointwise1x1(f.expand, xd + begin * x_row, (end - begin) * g.w, nullptr, expanded.data() + begin * row_size);
+    });
+    src = expanded.data();
+  }
+  const bool expand = f.expand.w != nullptr && expanded.empty();  // in the ring
   // Rows [lo, lo + K) are needed for one output row and a call adds up to batch_in rows past the first missing one.
   const int64_t batch_in = expand ? std::min(g.h, RowsPerCall(g.w)) : 0;
   const int64_t capacity = expand ? g.k + batch_in - 1 : 0;
@@ -417,7 +434,7 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
       for (int64_t i = 0; i < g.k; ++i) {
         const int64_t hi = r * g.s + i - g.p;
         if (hi < 0 || hi >= g.h) continue;
-        const float* in = expand ? ring.data() + hi % capacity * row_size : xd + (b * g.h + hi) * x_row;
+        const float* in = expand ? ring.data() + hi % capacity * row_size : src + (b * g.h + hi) * row_size;
         for (int64_t j = 0; j < g.k; ++j) taps[n++] = {in, wd + (i * g.k + j) * C, j - g.p};
       }
       if (pending == 0) first = row;
@@ -498,39 +515,44 @@ ffi::Error ExpandDepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 }
 
 // Its second half: out = ((d * se[b]) @ w) * scale + shift (+ x), se (N, C) the SE's per-image channel scale. The
-// scale is folded into the weights once per image (C x Cout multiplies against Ho x Wo x C x Cout multiply-adds),
-// so d is read once and d * se never exists. An empty x means no residual.
+// scale is folded into the weights, so d is read once and d * se never exists. One task per (image, panel of output
+// channels) packs its own scaled panel (C x 16 floats) and runs it over the image's pixels: nothing is packed twice,
+// and a single image (batch-1 latency) still splits across threads.
 ffi::Error SeProjectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::Buffer<ffi::F32> se,
                             ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                             ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y) {
   auto dd = d.dimensions();
   if (dd.size() != 4) return ffi::Error::InvalidArgument("se_project: input must be NHWC (rank 4)");
-  const int64_t n = dd[0], h = dd[1], wd = dd[2], c = dd[3];
+  const int64_t n = dd[0], pixels = dd[1] * dd[2], c = dd[3];
   if (se.element_count() != static_cast<size_t>(n * c))
     return ffi::Error::InvalidArgument("se_project: the SE scale must be (N, C)");
-  Pointwise base;
-  std::vector<float> unused;
-  if (auto e = MakePointwise(w, scale, shift, kIdentity, c, &base, &unused); e.failure()) return e;
-  const int64_t cout = base.cout;
-  if (x.element_count() != 0 && x.element_count() != static_cast<size_t>(n * h * wd * cout))
+  auto wdim = w.dimensions();
+  if (wdim.size() != 2 || wdim[0] != c)
+    return ffi::Error::InvalidArgument("se_project: the 1x1 kernel must be (C, Cout) with C its input's channels");
+  Pointwise pw;
+  pw.w = w.typed_data();
+  pw.cin = c;
+  pw.cout = wdim[1];
+  if (auto e = MakeEpilogue(scale, shift, kIdentity, pw.cout, &pw.bn); e.failure()) return e;
+  const int64_t cout = pw.cout;
+  if (x.element_count() != 0 && x.element_count() != static_cast<size_t>(n * pixels * cout))
     return ffi::Error::InvalidArgument("se_project: the residual must have the output's shape");
+  std::vector<int64_t> panel_start;
+  for (int64_t p = 0; p < cout; p += PanelWidth(p, cout)) panel_start.push_back(p);
+  const int64_t panels = panel_start.size();
   const float* dp = d.typed_data();
   const float* sp = se.typed_data();
   const float* xp = x.element_count() != 0 ? x.typed_data() : nullptr;
   float* yp = y->typed_data();
-  ParallelFor(pool, n * h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
-    Pointwise pw = base;
-    std::vector<float> panels;
-    int64_t packed = -1;  // the image whose SE scale is in `panels`
-    for (int64_t row = begin; row < end;) {  // the chunk's rows of one image at a time: contiguous pixels
-      const int64_t image = row / h, rows = std::min(end, (image + 1) * h) - row;
-      if (image != packed) {
-        packed = image;
-        PackPanels(&pw, &panels, sp + image * c);
-      }
-      const int64_t p0 = row * wd;
-      Pointwise1x1(pw, dp + p0 * c, rows * wd, xp == nullptr ? nullptr : xp + p0 * cout, yp + p0 * cout);
-      row += rows;
+  ParallelFor(pool, n * panels, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    std::vector<float> panel(c * 16);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / panels, c0 = panel_start[task % panels], width = PanelWidth(c0, cout);
+      for (int64_t k = 0; k < c; ++k)
+        for (int64_t l = 0; l < width; ++l) panel[k * width + l] = pw.w[k * cout + c0 + l] * sp[b * c + k];
+      const int64_t p0 = b * pixels;
+      PointwisePanel<kIdentity>(pw, panel.data(), c0, dp + p0 * c, pixels, xp == nullptr ? nullptr : xp + p0 * cout,
+                                yp + p0 * cout);
     }
   });
   return ffi::Error::Success();

@@ -471,7 +471,10 @@ class ConvBNAct(nnx.Module):
             return conv_bn_act_kernel(depthwise, self.activation, self.conv.stride, self.conv.padding, max_pool,
                                       x.astype(dtype), *self.folded(dtype))
         y = ACTIVATIONS[self.activation](self.bn(self.conv(x)))
-        return max_pool_3x3_s2(y) if max_pool else y
+        if not max_pool:
+            return y
+        # the pool follows the conv's implementation: portable exports ask for "xla", which has no custom calls
+        return max_pool_3x3_s2(y, "cpu_kernel" if self.conv.uses_cpu_kernel(dtype) else "xla")
 
 
 class Linear(nnx.Module):

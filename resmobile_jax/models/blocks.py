@@ -23,6 +23,7 @@ from resmobile_jax.models.layers import (
     global_avg_pool,
     hard_sigmoid,
     make_divisible,
+    unfused_conv_bn_act,
 )
 
 
@@ -101,12 +102,12 @@ class InvertedResidual(nnx.Module):
     def __call__(self, x):
         dtype = self.depthwise.conv.dtype or x.dtype
         if self.runs_as_kernels(x):
-            expand = None
-            if self.expand is not None:
-                w, scale, shift = self.expand.folded()
-                expand = (w.reshape(w.shape[-2:]), scale, shift)
-            w, scale, shift = self.project.folded()
-            project = (w.reshape(w.shape[-2:]), scale, shift)
+            def pointwise(layer):  # (kernel as (Cin, Cout), BN scale, BN shift)
+                w, scale, shift = layer.folded()
+                return w.reshape(w.shape[-2:]), scale, shift
+
+            expand = None if self.expand is None else pointwise(self.expand)
+            project = pointwise(self.project)
             se = None if self.se is None else self.se.weights(jnp.float32)
             return inverted_residual_kernel(self.depthwise.activation, self.spec.stride, self.depthwise.conv.padding,
                                             self.use_residual, x.astype(dtype), expand, self.depthwise.folded(), se,
@@ -125,8 +126,7 @@ def _unfused_inverted_residual(activation, stride, padding, residual, x, expand,
     if expand is not None:
         w, scale, shift = expand
         y = act(y @ w * scale + shift)
-    w, scale, shift = depthwise
-    y = act(cpu_kernels.depthwise_conv(y, w, stride, padding) * scale + shift)
+    y = unfused_conv_bn_act(True, activation, stride, padding, False, y, *depthwise)
     if se is not None:
         y = y * se_channel_scale(global_avg_pool(y), se)[:, None, None, :]
     w, scale, shift = project

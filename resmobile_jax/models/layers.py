@@ -385,7 +385,8 @@ def depthwise_conv(x: Array, w: Array, stride: int, padding: int, impl: str) -> 
     return out
 
 
-def _unfused_conv_bn_act(depthwise, activation, stride, padding, max_pool, x, w, scale, shift):
+def unfused_conv_bn_act(depthwise, activation, stride, padding, max_pool, x, w, scale, shift):
+    """What conv_bn_act_kernel computes, from the plain kernels and XLA ops (its gradient's reference)."""
     conv = cpu_kernels.depthwise_conv if depthwise else cpu_kernels.dense_conv
     y = ACTIVATIONS[activation](conv(x, w, stride, padding) * scale + shift)
     return max_pool_3x3_s2(y) if max_pool else y
@@ -408,7 +409,7 @@ def _conv_bn_act_fwd(depthwise, activation, stride, padding, max_pool, x, w, sca
 
 
 def _conv_bn_act_bwd(depthwise, activation, stride, padding, max_pool, residuals, g):
-    unfused = functools.partial(_unfused_conv_bn_act, depthwise, activation, stride, padding, max_pool)
+    unfused = functools.partial(unfused_conv_bn_act, depthwise, activation, stride, padding, max_pool)
     return jax.vjp(unfused, *residuals)[1](g)
 
 

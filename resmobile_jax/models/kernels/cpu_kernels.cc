@@ -246,15 +246,22 @@ struct Pointwise {
 // The panels' widths: 16, then 8, then what is left.
 inline int64_t PanelWidth(int64_t c, int64_t N) { return N - c >= 16 ? 16 : N - c >= 8 ? 8 : N - c; }
 
-// Fills `storage` with w's panels.
-void PackPanels(Pointwise* pw, std::vector<float>* storage) {
-  const int64_t K = pw->cin, N = pw->cout;
-  storage->resize(K * N);
-  for (int64_t c = 0, width = 0; c < N; c += width) {
-    width = PanelWidth(c, N);
-    for (int64_t k = 0; k < K; ++k)
-      std::memcpy(storage->data() + c * K + k * width, pw->w + k * N + c, sizeof(float) * width);
+// The panel of channels [c, c + PanelWidth(c)) into dst (cin x width); with `row_scale`, row k of w is multiplied
+// by row_scale[k] (a per-channel scale of the 1x1 convolution's input, folded into its weights).
+void PackPanel(const Pointwise& pw, int64_t c, const float* row_scale, float* dst) {
+  const int64_t N = pw.cout, width = PanelWidth(c, N);
+  for (int64_t k = 0; k < pw.cin; ++k) {
+    const float* src = pw.w + k * N + c;
+    if (row_scale == nullptr) std::memcpy(dst + k * width, src, sizeof(float) * width);
+    else for (int64_t l = 0; l < width; ++l) dst[k * width + l] = src[l] * row_scale[k];
   }
+}
+
+// Fills `storage` with all of w's panels.
+void PackPanels(Pointwise* pw, std::vector<float>* storage) {
+  storage->resize(pw->cin * pw->cout);
+  for (int64_t c = 0; c < pw->cout; c += PanelWidth(c, pw->cout))
+    PackPanel(*pw, c, nullptr, storage->data() + c * pw->cin);
   pw->panels = storage->data();
 }
 
@@ -464,6 +471,7 @@ ffi::Error DepthwiseForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
   return DepthwiseForwardWith(pool, x, w, y, stride, padding, f);
 }
 
+// A 1x1 layer's weights, BN and activation; its panels packed into `panels` unless that is nullptr.
 ffi::Error MakePointwise(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift,
                          int64_t activation, int64_t cin, Pointwise* pw, std::vector<float>* panels) {
   auto d = w.dimensions();
@@ -472,7 +480,7 @@ ffi::Error MakePointwise(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, f
   pw->w = w.typed_data();
   pw->cin = d[0];
   pw->cout = d[1];
-  PackPanels(pw, panels);
+  if (panels != nullptr) PackPanels(pw, panels);
   return MakeEpilogue(scale, shift, activation, d[1], &pw->bn);
 }
 
@@ -526,14 +534,8 @@ ffi::Error SeProjectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::
   const int64_t n = dd[0], pixels = dd[1] * dd[2], c = dd[3];
   if (se.element_count() != static_cast<size_t>(n * c))
     return ffi::Error::InvalidArgument("se_project: the SE scale must be (N, C)");
-  auto wdim = w.dimensions();
-  if (wdim.size() != 2 || wdim[0] != c)
-    return ffi::Error::InvalidArgument("se_project: the 1x1 kernel must be (C, Cout) with C its input's channels");
-  Pointwise pw;
-  pw.w = w.typed_data();
-  pw.cin = c;
-  pw.cout = wdim[1];
-  if (auto e = MakeEpilogue(scale, shift, kIdentity, pw.cout, &pw.bn); e.failure()) return e;
+  Pointwise pw;  // its panels are packed per task, scaled
+  if (auto e = MakePointwise(w, scale, shift, kIdentity, c, &pw, nullptr); e.failure()) return e;
   const int64_t cout = pw.cout;
   if (x.element_count() != 0 && x.element_count() != static_cast<size_t>(n * pixels * cout))
     return ffi::Error::InvalidArgument("se_project: the residual must have the output's shape");
@@ -547,9 +549,8 @@ ffi::Error SeProjectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::
   ParallelFor(pool, n * panels, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> panel(c * 16);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / panels, c0 = panel_start[task % panels], width = PanelWidth(c0, cout);
-      for (int64_t k = 0; k < c; ++k)
-        for (int64_t l = 0; l < width; ++l) panel[k * width + l] = pw.w[k * cout + c0 + l] * sp[b * c + k];
+      const int64_t b = task / panels, c0 = panel_start[task % panels];
+      PackPanel(pw, c0, sp + b * c, panel.data());
       const int64_t p0 = b * pixels;
       PointwisePanel<kIdentity>(pw, panel.data(), c0, dp + p0 * c, pixels, xp == nullptr ? nullptr : xp + p0 * cout,
                                 yp + p0 * cout);
@@ -575,13 +576,12 @@ ffi::Error InvertedResidualForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x
                                    &expand_panels);
       e.failure())
     return e;
-  const int64_t cin = x.dimensions().back(), c = w.dimensions()[2];
-  auto wd = w.dimensions();
+  const int64_t cin = x.dimensions().back(), k = w.dimensions()[0], c = w.dimensions()[2];
   if (auto e = MakePointwise(project_w, project_scale, project_shift, kIdentity, c, &f.project, &project_panels);
       e.failure())
     return e;
   f.residual = residual != 0;
-  if (f.residual && (stride != 1 || 2 * padding != wd[0] - 1 || f.project.cout != cin))
+  if (f.residual && (stride != 1 || 2 * padding != k - 1 || f.project.cout != cin))
     return ffi::Error::InvalidArgument("inverted_residual: the residual needs stride 1, same padding and Cout == Cin");
   return DepthwiseForwardWith(pool, x, w, y, stride, padding, f);
 }
@@ -768,6 +768,7 @@ void DenseForwardRow(const Geometry& g, int64_t co, const Padded& xp, const floa
 // rows), so the full-resolution map (32 x 112 x 112 x 64 floats at 224 px) is never written: XLA's reduce_window
 // over it took a third as long as the convolution.
 constexpr int64_t kPool = 3, kPoolStride = 2, kPoolPadding = 1;
+inline int64_t PooledSize(int64_t size) { return (size + 2 * kPoolPadding - kPool) / kPoolStride + 1; }
 
 void MaxPoolRow(const float* const* rows, int64_t n_rows, int64_t wo, int64_t co, int64_t wp, float* out) {
   for (int64_t q = 0; q < wp; ++q) {
@@ -809,8 +810,7 @@ ffi::Error DenseConvForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
     });
     return ffi::Error::Success();
   }
-  const int64_t hp = (g.ho + 2 * kPoolPadding - kPool) / kPoolStride + 1;
-  const int64_t wp = (g.wo + 2 * kPoolPadding - kPool) / kPoolStride + 1;
+  const int64_t hp = PooledSize(g.ho), wp = PooledSize(g.wo);
   const int64_t row_size = g.wo * co;
   ParallelFor(pool, g.n * hp, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> ring(kPool * row_size);  // convolution row r in slot r % 3
@@ -853,8 +853,7 @@ ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
   auto d = x.dimensions();
   if (d.size() != 4) return ffi::Error::InvalidArgument("max_pool: input must be NHWC (rank 4)");
   const int64_t n = d[0], h = d[1], w = d[2], c = d[3];
-  const int64_t hp = (h + 2 * kPoolPadding - kPool) / kPoolStride + 1;
-  const int64_t wp = (w + 2 * kPoolPadding - kPool) / kPoolStride + 1;
+  const int64_t hp = PooledSize(h), wp = PooledSize(w);
   const float* xd = x.typed_data();
   float* yd = y->typed_data();
   ParallelFor(pool, n * hp, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
@@ -992,16 +991,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnAct, DenseConvForwardBn
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnActMaxPool, DenseConvForwardBnActMaxPool, ForwardBnAct());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileMaxPoolForward, MaxPoolForward,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+// The [expansion] and depthwise layers' arguments, shared by both inverted-residual kernels.
+static auto ExpandDepthwiseArgs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // x
+      .Arg<ffi::Buffer<ffi::F32>>()   // expand_w (Cin, C), or empty
+      .Arg<ffi::Buffer<ffi::F32>>()   // expand_scale
+      .Arg<ffi::Buffer<ffi::F32>>()   // expand_shift
+      .Arg<ffi::Buffer<ffi::F32>>()   // w (K, K, C)
+      .Arg<ffi::Buffer<ffi::F32>>()   // scale
+      .Arg<ffi::Buffer<ffi::F32>>();  // shift
+}
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileExpandDepthwiseForward, ExpandDepthwiseForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_w (Cin, C), or empty
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_shift
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w (K, K, C)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                              ExpandDepthwiseArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()  // y
                                   .Ret<ffi::Buffer<ffi::F32>>()  // row_sums (N * Ho, C)
                                   .Attr<int64_t>("stride")
@@ -1018,15 +1021,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileSeProjectForward, SeProjectForward,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // x (N, H, W, Cout), or empty
                                   .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileInvertedResidualForward, InvertedResidualForward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_w (Cin, C), or empty
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // expand_shift
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // w (K, K, C)
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // scale
-                                  .Arg<ffi::Buffer<ffi::F32>>()  // shift
+                              ExpandDepthwiseArgs()
                                   .Arg<ffi::Buffer<ffi::F32>>()  // project_w (C, Cout)
                                   .Arg<ffi::Buffer<ffi::F32>>()  // project_scale
                                   .Arg<ffi::Buffer<ffi::F32>>()  // project_shift

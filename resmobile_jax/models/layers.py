@@ -60,14 +60,33 @@ def same_padding(kernel_size: int, dilation: int = 1) -> int:
     return (kernel_size - 1) // 2 * dilation
 
 
+@jax.custom_jvp
 def hard_sigmoid(x: Array) -> Array:
-    """PyTorch's Hardsigmoid: relu6(x + 3) / 6 (jax.nn.hard_sigmoid is the same function; spelled out for parity)."""
+    """PyTorch's Hardsigmoid: relu6(x + 3) / 6, with PyTorch's derivative (1/6 strictly inside (-3, 3), else 0;
+    autodiff of the clip would give 1/12 at the ends)."""
     return jnp.clip(x + 3.0, 0.0, 6.0) / 6.0
 
 
+@hard_sigmoid.defjvp
+def _hard_sigmoid_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    slope = jnp.where((x > -3.0) & (x < 3.0), 1.0 / 6.0, 0.0).astype(dx.dtype)
+    return hard_sigmoid(x), slope * dx
+
+
+@jax.custom_jvp
 def hard_swish(x: Array) -> Array:
-    """PyTorch's Hardswish: x * relu6(x + 3) / 6."""
-    return x * hard_sigmoid(x)
+    """PyTorch's Hardswish: x * relu6(x + 3) / 6, with PyTorch's derivative written out: autodiff of the product
+    and the clip keeps several map-sized intermediates alive, and XLA:CPU took 4x as long for V1's stem BN +
+    Hardswish forward + backward (67 vs 17 ms at 112x112x16, batch 32)."""
+    return x * (jnp.clip(x + 3.0, 0.0, 6.0) / 6.0)
+
+
+@hard_swish.defjvp
+def _hard_swish_jvp(primals, tangents):
+    (x,), (dx,) = primals, tangents
+    slope = jnp.where(x <= -3.0, 0.0, jnp.where(x < 3.0, x / 3.0 + 0.5, 1.0)).astype(dx.dtype)  # torch 2.x: open interval
+    return hard_swish(x), slope * dx
 
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {

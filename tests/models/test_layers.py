@@ -1,5 +1,6 @@
 """Each layer against the PyTorch op it mirrors."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -241,6 +242,18 @@ def test_activations_match_torch(rng):
     t = torch.from_numpy(x)
     np.testing.assert_allclose(np.asarray(layers.hard_swish(jnp.asarray(x))), torch.nn.Hardswish()(t).numpy(), atol=1e-6)
     np.testing.assert_allclose(np.asarray(layers.hard_sigmoid(jnp.asarray(x))), torch.nn.Hardsigmoid()(t).numpy(), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["hard_swish", "hard_sigmoid"])
+def test_activation_gradients_match_torch_at_the_kinks(name):
+    """The hand-written derivatives, including exactly at -3 and 3 where autodiff of the clip would differ."""
+    x = np.concatenate([np.linspace(-5, 5, 1001), [-3.0, 3.0, -3.0 - 1e-6, 3.0 + 1e-6, 0.0]]).astype(np.float32)
+    g = np.random.default_rng(0).standard_normal(x.shape).astype(np.float32)
+    fn = getattr(layers, name)
+    dx = jax.grad(lambda v: jnp.vdot(fn(v), jnp.asarray(g)))(jnp.asarray(x))
+    t = torch.from_numpy(x).requires_grad_(True)
+    (torch.nn.Hardswish() if name == "hard_swish" else torch.nn.Hardsigmoid())(t).backward(torch.from_numpy(g))
+    np.testing.assert_allclose(np.asarray(dx), t.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape", [(4, 5, 3, 8), (6, 8)])

@@ -37,7 +37,7 @@ def float32_copy(model, portable: bool = False):
     from resmobile_jax.checkpoint import load_state_dict, model_state_dict
     from resmobile_jax.models import build_model
 
-    impls = {"depthwise_impl": "xla", "stem_conv_impl": "xla"} if portable else {}
+    impls = {"depthwise_impl": "xla", "stem_conv_impl": "xla", "batch_norm_impl": "xla"} if portable else {}
     copy = build_model({"variant": model.variant, "embedding_dim": model.embedding_dim,
                         "v2_output_stride": model.v2_output_stride,
                         "dtype": "float32", **impls})

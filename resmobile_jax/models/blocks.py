@@ -15,6 +15,7 @@ from resmobile_jax.models.layers import (
     ACTIVATIONS,
     MOBILENET_BN,
     RESNET_BN,
+    BatchNormImpl,
     ConvBNAct,
     DepthwiseImpl,
     Linear,
@@ -70,13 +71,15 @@ class InvertedResidual(nnx.Module):
         *,
         depthwise_impl: DepthwiseImpl = "auto",
         pointwise_impl: PointwiseImpl = "matmul",
+        batch_norm_impl: BatchNormImpl = "auto",
         fuse_eval_bn: bool = True,
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
         act = "hardswish" if spec.activation == "HS" else "relu"
-        kw = dict(bn=MOBILENET_BN, pointwise_impl=pointwise_impl, dtype=dtype, param_dtype=param_dtype, rng=rng)
+        kw = dict(bn=MOBILENET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl, dtype=dtype,
+                  param_dtype=param_dtype, rng=rng)
         self.spec = spec
         self.use_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
         # torchvision adds the expand conv only when it changes the width (V2's block 1 gains one: 64 -> 16).
@@ -170,12 +173,13 @@ class Bottleneck(nnx.Module):
     expansion = 4
 
     def __init__(
-        self, inplanes: int, planes: int, *, pointwise_impl: PointwiseImpl = "matmul", dtype=None,
-        param_dtype=jnp.float32, rng: np.random.Generator,
+        self, inplanes: int, planes: int, *, pointwise_impl: PointwiseImpl = "matmul",
+        batch_norm_impl: BatchNormImpl = "auto", dtype=None, param_dtype=jnp.float32, rng: np.random.Generator,
     ):
         if inplanes != planes * self.expansion:
             raise ValueError(f"Bottleneck without downsample needs inplanes == 4 * planes, got {inplanes} and {planes}")
-        kw = dict(bn=RESNET_BN, pointwise_impl=pointwise_impl, dtype=dtype, param_dtype=param_dtype, rng=rng)
+        kw = dict(bn=RESNET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl, dtype=dtype,
+                  param_dtype=param_dtype, rng=rng)
         self.conv_bn1 = ConvBNAct(inplanes, planes, 1, activation="relu", **kw)
         self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", **kw)
         self.conv_bn3 = ConvBNAct(planes, inplanes, 1, activation="identity", **kw)

@@ -42,6 +42,7 @@ class ResMobileNet(nnx.Module):
         depthwise_impl: str = "auto",
         pointwise_impl: str = "matmul",
         stem_conv_impl: str = "auto",
+        batch_norm_impl: str = "auto",
         fuse_eval_bn: bool = True,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
@@ -57,14 +58,16 @@ class ResMobileNet(nnx.Module):
         self.output_stride = output_stride(variant, v2_output_stride)
         self.dtype = jnp.dtype(dtype)
         kw = dict(dtype=self.dtype, param_dtype=param_dtype, rng=rng)
-        self.stem = (MobileNetStem if variant == "v1" else ResNetStem)(conv_impl=stem_conv_impl, fuse_eval_bn=fuse_eval_bn, **kw)
+        self.stem = (MobileNetStem if variant == "v1" else ResNetStem)(
+            conv_impl=stem_conv_impl, batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, **kw)
         self.mid = nnx.List(
             [InvertedResidual(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl,
-                              fuse_eval_bn=fuse_eval_bn, **kw)
+                              batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, **kw)
              for spec in mid_block_specs(variant, v2_output_stride)]
         )
         self.tail = nnx.List(
-            [Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, pointwise_impl=pointwise_impl, **kw) for _ in range(NUM_BOTTLENECKS)]
+            [Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl,
+                        **kw) for _ in range(NUM_BOTTLENECKS)]
         )
         self.head = EmbeddingHead(TAIL_CHANNELS, embedding_dim, **kw)
 
@@ -128,6 +131,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         depthwise_impl=model_config.get("depthwise_impl", "auto"),
         pointwise_impl=model_config.get("pointwise_impl", "matmul"),
         stem_conv_impl=model_config.get("stem_conv_impl", "auto"),
+        batch_norm_impl=model_config.get("batch_norm_impl", "auto"),
         fuse_eval_bn=bool(model_config.get("fuse_eval_bn", True)),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),

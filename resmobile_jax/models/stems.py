@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from resmobile_jax.models.layers import MOBILENET_BN, RESNET_BN, ConvBNAct, StemConvImpl
+from resmobile_jax.models.layers import MOBILENET_BN, RESNET_BN, BatchNormImpl, ConvBNAct, StemConvImpl
 
 
 class MobileNetStem(nnx.Module):
@@ -15,11 +15,11 @@ class MobileNetStem(nnx.Module):
     out_channels = 16
     stride = 2
 
-    def __init__(self, *, conv_impl: StemConvImpl = "auto", fuse_eval_bn: bool = True, dtype=None, param_dtype=jnp.float32,
-                 rng: np.random.Generator):
+    def __init__(self, *, conv_impl: StemConvImpl = "auto", batch_norm_impl: BatchNormImpl = "auto",
+                 fuse_eval_bn: bool = True, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
         self.conv_bn_act = ConvBNAct(
             3, 16, 3, stride=2, activation="hardswish", bn=MOBILENET_BN, stem_conv_impl=conv_impl, fuse_eval_bn=fuse_eval_bn, dtype=dtype,
-            param_dtype=param_dtype, rng=rng,
+            batch_norm_impl=batch_norm_impl, param_dtype=param_dtype, rng=rng,
         )
 
     def __call__(self, x):
@@ -32,11 +32,11 @@ class ResNetStem(nnx.Module):
     out_channels = 64
     stride = 4
 
-    def __init__(self, *, conv_impl: StemConvImpl = "auto", fuse_eval_bn: bool = True, dtype=None, param_dtype=jnp.float32,
-                 rng: np.random.Generator):
+    def __init__(self, *, conv_impl: StemConvImpl = "auto", batch_norm_impl: BatchNormImpl = "auto",
+                 fuse_eval_bn: bool = True, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
         self.conv_bn_act = ConvBNAct(
             3, 64, 7, stride=2, activation="relu", bn=RESNET_BN, stem_conv_impl=conv_impl, fuse_eval_bn=fuse_eval_bn, dtype=dtype,
-            param_dtype=param_dtype, rng=rng,
+            batch_norm_impl=batch_norm_impl, param_dtype=param_dtype, rng=rng,
         )
 
     def __call__(self, x):

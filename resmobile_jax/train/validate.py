@@ -18,7 +18,7 @@ from resmobile_jax.losses import LOSSES, parse_hparams
 from resmobile_jax.models import input_hw, output_stride
 from resmobile_jax.models.architecture import check_variant
 from resmobile_jax.models.kernels import cpu_kernels
-from resmobile_jax.models.layers import DEPTHWISE_IMPLS, POINTWISE_IMPLS, STEM_CONV_IMPLS
+from resmobile_jax.models.layers import BATCH_NORM_IMPLS, DEPTHWISE_IMPLS, POINTWISE_IMPLS, STEM_CONV_IMPLS
 
 METRIC_NAMES = ("precision_at_1", "map", "map_at_r", "r_precision")
 
@@ -49,7 +49,7 @@ def check_config(c: ml_collections.ConfigDict) -> None:
     for key in ("dtype", "param_dtype"):
         _require(m[key] in ("float32", "bfloat16", "float16"), f"model.{key} must be float32, bfloat16 or float16, got {m[key]!r}")
     for key, choices in (("depthwise_impl", DEPTHWISE_IMPLS), ("pointwise_impl", POINTWISE_IMPLS),
-                         ("stem_conv_impl", STEM_CONV_IMPLS)):
+                         ("stem_conv_impl", STEM_CONV_IMPLS), ("batch_norm_impl", BATCH_NORM_IMPLS)):
         _require(m.get(key, choices[0]) in choices, f"model.{key} must be one of {', '.join(choices)}, got {m.get(key)!r}")
         if m.get(key) == "cpu_kernel":
             _require(m.dtype == "float32", f"model.{key}='cpu_kernel' computes in float32, but model.dtype is {m.dtype!r}; "

@@ -256,9 +256,10 @@ def test_activation_gradients_match_torch_at_the_kinks(name):
     np.testing.assert_allclose(np.asarray(dx), t.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu_kernel"])
 @pytest.mark.parametrize("shape", [(4, 5, 3, 8), (6, 8)])
 @pytest.mark.parametrize("eps,torch_momentum", [(1e-3, 0.01), (1e-5, 0.1)])
-def test_batchnorm_train_and_eval_match_torch(shape, eps, torch_momentum, rng):
+def test_batchnorm_train_and_eval_match_torch(shape, eps, torch_momentum, impl, rng):
     c = shape[-1]
     tbn = (torch.nn.BatchNorm2d if len(shape) == 4 else torch.nn.BatchNorm1d)(c, eps=eps, momentum=torch_momentum)
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_batchnorm_train_and_eval_match_torch(shape, eps, torch_momentum, rng):
         tbn.bias.copy_(torch.from_numpy(rng.standard_normal(c).astype(np.float32)))
         tbn.running_mean.copy_(torch.from_numpy(rng.standard_normal(c).astype(np.float32)))
         tbn.running_var.copy_(torch.from_numpy(rng.uniform(0.5, 2, c).astype(np.float32)))
-    bn = layers.BatchNorm(c, epsilon=eps, momentum=1.0 - torch_momentum)
+    bn = layers.BatchNorm(c, epsilon=eps, momentum=1.0 - torch_momentum, impl=impl)
     bn.scale[...] = jnp.asarray(tbn.weight.detach().numpy())
     bn.bias[...] = jnp.asarray(tbn.bias.detach().numpy())
     bn.mean[...] = jnp.asarray(tbn.running_mean.numpy())
@@ -293,6 +294,60 @@ def test_batchnorm_train_and_eval_match_torch(shape, eps, torch_momentum, rng):
         ref = nhwc(tbn(x_torch).numpy())
     np.testing.assert_allclose(np.asarray(bn(jnp.asarray(x))), ref, atol=2e-5)
     assert int(bn.num_batches_tracked[...]) == 3  # eval does not count
+
+
+TORCH_ACT_FUNCTIONS = {"relu": torch.relu, "hardswish": torch.nn.functional.hardswish, "identity": lambda t: t}
+
+
+@pytest.mark.parametrize("impl", ["xla", "cpu_kernel"])
+@pytest.mark.parametrize("activation", ["relu", "hardswish", "identity"])
+def test_batchnorm_activation_training_gradients_match_torch(impl, activation, rng):
+    """act(BN(x)) with batch statistics: output, running statistics and the gradients of x, scale and bias against
+    torch's BatchNorm2d + activation. 20 channels: the kernel's 8-wide vectors and its scalar tail."""
+    from flax import nnx
+
+    n, h, w, c = 4, 7, 9, 20
+    x = (3.0 + 2.0 * rng.standard_normal((n, h, w, c))).astype(np.float32)
+    g = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    tbn = torch.nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(gamma))
+        tbn.bias.copy_(torch.from_numpy(beta))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    yt = TORCH_ACT_FUNCTIONS[activation](tbn(xt))
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+
+    bn = layers.BatchNorm(c, **layers.MOBILENET_BN, impl=impl)
+    bn.scale[...], bn.bias[...] = jnp.asarray(gamma), jnp.asarray(beta)
+    graphdef, params, rest = nnx.split(bn, nnx.Param, ...)
+
+    def loss(p, x, r):
+        m = nnx.merge(graphdef, p, r, copy=True)
+        y = m(x, activation)
+        return jnp.vdot(y, jnp.asarray(g)), (y, nnx.state(m, nnx.BatchStat))
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+    hlo = step.lower(params, jnp.asarray(x), rest).as_text()
+    assert ("resmobile_batch_norm_act_backward" in hlo) == (impl == "cpu_kernel")
+    (dparams, dx), (y, stats) = step(params, jnp.asarray(x), rest)
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(stats["mean"][...]), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(stats["var"][...]), tbn.running_var.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dparams["scale"][...]), tbn.weight.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dparams["bias"][...]), tbn.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_kernel_statistics_hold_for_a_large_mean(rng):
+    """Single-pass statistics lose the variance to cancellation when the mean is large against the spread
+    (E[x^2] - E[x]^2); the kernel's per-row two-pass moments merged in float64 must not. Reference: float64 NumPy."""
+    x = (1e4 + rng.standard_normal((4, 16, 24, 12))).astype(np.float32)
+    gamma, beta = jnp.ones(12), jnp.zeros(12)
+    _, mean, var = cpu_kernels.batch_norm_act(jnp.asarray(x), gamma, beta, 1e-5, "identity")
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(np.asarray(mean), x64.mean(axis=(0, 1, 2)), rtol=1e-7)
+    np.testing.assert_allclose(np.asarray(var), x64.var(axis=(0, 1, 2)), rtol=1e-5)
 
 
 def test_conv_init_is_torchvision_fan_out_normal():

@@ -40,7 +40,7 @@ def main(out: str, steps: int) -> None:
     # The same convolution code on 1 and on 4 devices, so only the sharding differs: "auto" would pick the C++ kernels
     # on one device and the pure-JAX forms on several, and their float32 rounding, carried through train-mode
     # BatchNorm, alone moved the head BN bias update by 0.7% (each implementation is tested against torch apart).
-    config.model.depthwise_impl, config.model.stem_conv_impl = "shifted", "xla"
+    config.model.depthwise_impl, config.model.stem_conv_impl, config.model.batch_norm_impl = "shifted", "xla", "xla"
     mesh = parallel.data_mesh()
     replicated = parallel.replicated(mesh)
     images = fashion_mnist("train")

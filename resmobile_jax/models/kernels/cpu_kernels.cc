@@ -22,6 +22,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -955,6 +956,251 @@ ffi::Error DenseConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   return ffi::Error::Success();
 }
 
+// Training-mode BatchNorm (batch statistics) + activation over x (rows, C), C innermost. Autodiff through XLA's
+// form takes ~7 passes over the map where these take 5: one to reduce the statistics, one to normalize; in the
+// backward pass one to reduce sum(g') and sum(g' * (x - mean)), g' = g * act'(z), one to write dx. Each pass
+// works row by row (one image row: W pixels x C) on several threads; every chunk of rows keeps its own
+// double-precision sums, merged in chunk order (deterministic).
+struct ChannelMoments {  // count, mean and sum of squared deviations per channel (Chan et al.'s pairwise merge)
+  double count = 0;
+  std::vector<double> mean, m2;
+  explicit ChannelMoments(int64_t c) : mean(c, 0.0), m2(c, 0.0) {}
+  void Merge(double n_b, const double* mean_b, const double* m2_b) {
+    const double total = count + n_b;
+    for (size_t c = 0; c < mean.size(); ++c) {
+      const double delta = mean_b[c] - mean[c];
+      mean[c] += delta * n_b / total;
+      m2[c] += m2_b[c] + delta * delta * count * n_b / total;
+    }
+    count = total;
+  }
+};
+
+// Each row's values relative to its first pixel (small numbers, so float sums keep their digits even when the mean
+// is large against the spread), the row's mean of those, then the squared deviations from that mean (the row is in
+// cache): the two-pass formula's accuracy at one pass over memory.
+void RowMoments(const float* x, int64_t pixels, int64_t C, float* sum, float* m2, ChannelMoments* acc,
+                std::vector<double>* mean_b, std::vector<double>* m2_b) {
+  std::fill(sum, sum + C, 0.0f);
+  std::fill(m2, m2 + C, 0.0f);
+  for (int pass = 0; pass < 2; ++pass) {
+    for (int64_t m = 1; m < pixels; ++m) {
+      const float* u = x + m * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8) {
+        const Vec8 d = Load<Vec8>(u + c) - Load<Vec8>(x + c);
+        if (pass == 0) Store<Vec8>(sum + c, Load<Vec8>(sum + c) + d);
+        else Store<Vec8>(m2 + c, Load<Vec8>(m2 + c) + (d - Load<Vec8>(sum + c)) * (d - Load<Vec8>(sum + c)));
+      }
+      for (; c < C; ++c) {
+        const float d = u[c] - x[c];
+        if (pass == 0) sum[c] += d;
+        else m2[c] += (d - sum[c]) * (d - sum[c]);
+      }
+    }
+    if (pass == 0)
+      for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<float>(pixels);  // the mean, relative to pixel 0
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    (*mean_b)[c] = static_cast<double>(x[c]) + sum[c];
+    (*m2_b)[c] = m2[c] + static_cast<double>(sum[c]) * sum[c];  // pixel 0 itself: deviation -mean
+  }
+  acc->Merge(static_cast<double>(pixels), mean_b->data(), m2_b->data());
+}
+
+// The float32 statistics and the folded affine, as layers.BatchNorm computes them: inv = rsqrt(var + eps) * gamma,
+// shift = beta - mean * inv.
+struct BatchStats {
+  std::vector<float> mean, var, inv, shift;
+};
+
+BatchStats FoldedStats(const ChannelMoments& m, const float* gamma, const float* beta, float epsilon) {
+  const int64_t C = m.mean.size();
+  BatchStats s{std::vector<float>(C), std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
+  for (int64_t c = 0; c < C; ++c) {
+    s.mean[c] = static_cast<float>(m.mean[c]);
+    s.var[c] = static_cast<float>(m.m2[c] / std::max(m.count, 1.0));
+    s.inv[c] = 1.0f / std::sqrt(s.var[c] + epsilon) * gamma[c];
+    s.shift[c] = beta[c] - s.mean[c] * s.inv[c];
+  }
+  return s;
+}
+
+ffi::Error BatchNormShape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& gamma,
+                          const ffi::Buffer<ffi::F32>& beta, int64_t activation, int64_t* rows, int64_t* width,
+                          int64_t* C) {
+  auto d = x.dimensions();
+  if (d.size() < 2) return ffi::Error::InvalidArgument("batch_norm: input must have a channel axis and a batch axis");
+  *C = d.back();
+  *width = d.size() >= 3 ? d[d.size() - 2] : 1;
+  *rows = x.element_count() / std::max<int64_t>(1, *C * *width);
+  if (gamma.element_count() != static_cast<size_t>(*C) || beta.element_count() != static_cast<size_t>(*C))
+    return ffi::Error::InvalidArgument("batch_norm: gamma and beta need one value per channel");
+  if (activation < kIdentity || activation > kHardswish)
+    return ffi::Error::InvalidArgument("batch_norm: activation must be 0 (identity), 1 (relu) or 2 (hardswish)");
+  return ffi::Error::Success();
+}
+
+ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                               ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> y,
+                               ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var, float epsilon,
+                               int64_t activation) {
+  int64_t rows, width, C;
+  if (auto e = BatchNormShape(x, gamma, beta, activation, &rows, &width, &C); e.failure()) return e;
+  const float* xd = x.typed_data();
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
+  std::vector<ChannelMoments> parts(pieces, ChannelMoments(C));
+  ParallelFor(pool, rows, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
+    std::vector<float> sum(C), m2(C);
+    std::vector<double> mean_b(C), m2_b(C);
+    for (int64_t r = begin; r < end; ++r)
+      RowMoments(xd + r * width * C, width, C, sum.data(), m2.data(), &parts[piece], &mean_b, &m2_b);
+  });
+  ChannelMoments total(C);
+  for (const ChannelMoments& part : parts)
+    if (part.count > 0) total.Merge(part.count, part.mean.data(), part.m2.data());
+  const BatchStats s = FoldedStats(total, gamma.typed_data(), beta.typed_data(), epsilon);
+  std::memcpy(mean->typed_data(), s.mean.data(), sizeof(float) * C);
+  std::memcpy(var->typed_data(), s.var.data(), sizeof(float) * C);
+  const Epilogue epi{s.inv.data(), s.shift.data(), activation};
+  float* yd = y->typed_data();
+  ParallelFor(pool, rows, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    ApplyEpilogue(epi, xd + begin * width * C, yd + begin * width * C, (end - begin) * width, C);
+  });
+  return ffi::Error::Success();
+}
+
+// act'(z) as PyTorch's backward kernels take it: ReLU passes where z > 0; Hardswish's slope is 0 for z <= -3,
+// z / 3 + 1/2 below 3, else 1.
+template <int64_t kAct, typename V>
+inline V ActivationSlope(V z) {
+  const V one = V{} + 1.0f;
+  if constexpr (kAct == kRelu) return z > V{} ? one : V{};
+  if constexpr (kAct == kHardswish) {
+    const V mid = z * (1.0f / 3.0f) + 0.5f;
+    return z <= -3.0f ? V{} : (z < 3.0f ? mid : one);
+  }
+  return one;
+}
+
+// The backward pass: `Reduce` rows [begin, end) into sums of g' and g' * (x - mean) (float per row, then double);
+// `Write` dx = a * g' - b - c * (x - mean) with per-channel a, b, c.
+template <int64_t kAct>
+struct BatchNormActGrad {
+  const float *x, *g, *inv, *shift, *mean;
+  int64_t width, C;
+
+  template <typename V>
+  inline V Slope(const float* xp, const float* gp, int64_t c) const {
+    const V xv = Load<V>(xp + c);
+    return Load<V>(gp + c) * ActivationSlope<kAct>(xv * Load<V>(inv + c) + Load<V>(shift + c));
+  }
+
+  void Reduce(int64_t begin, int64_t end, double* sum_g, double* sum_gx) const {
+    std::vector<float> rg(C), rgx(C);
+    for (int64_t r = begin; r < end; ++r) {
+      std::fill(rg.begin(), rg.end(), 0.0f);
+      std::fill(rgx.begin(), rgx.end(), 0.0f);
+      for (int64_t m = 0; m < width; ++m) {
+        const float* xp = x + (r * width + m) * C;
+        const float* gp = g + (r * width + m) * C;
+        int64_t c = 0;
+        for (; c + 8 <= C; c += 8) {
+          const Vec8 gs = Slope<Vec8>(xp, gp, c);
+          Store<Vec8>(rg.data() + c, Load<Vec8>(rg.data() + c) + gs);
+          Store<Vec8>(rgx.data() + c, Load<Vec8>(rgx.data() + c) + gs * (Load<Vec8>(xp + c) - Load<Vec8>(mean + c)));
+        }
+        for (; c < C; ++c) {
+          const float gs = gp[c] * ActivationSlope<kAct>(xp[c] * inv[c] + shift[c]);
+          rg[c] += gs;
+          rgx[c] += gs * (xp[c] - mean[c]);
+        }
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        sum_g[c] += rg[c];
+        sum_gx[c] += rgx[c];
+      }
+    }
+  }
+
+  void Write(int64_t begin, int64_t end, const float* a, const float* b, const float* cc, float* dx) const {
+    for (int64_t i = begin * width; i < end * width; ++i) {
+      const float* xp = x + i * C;
+      const float* gp = g + i * C;
+      float* out = dx + i * C;
+      int64_t c = 0;
+      for (; c + 8 <= C; c += 8)
+        Store<Vec8>(out + c, Slope<Vec8>(xp, gp, c) * Load<Vec8>(a + c) - Load<Vec8>(b + c) -
+                                 (Load<Vec8>(xp + c) - Load<Vec8>(mean + c)) * Load<Vec8>(cc + c));
+      for (; c < C; ++c)
+        out[c] = gp[c] * ActivationSlope<kAct>(xp[c] * inv[c] + shift[c]) * a[c] - b[c] - (xp[c] - mean[c]) * cc[c];
+    }
+  }
+};
+
+template <int64_t kAct>
+void BatchNormActBackwardWith(ffi::ThreadPool& pool, const BatchNormActGrad<kAct>& k, int64_t rows,
+                              const float* gamma, const float* var, float epsilon, float* dx, float* dgamma,
+                              float* dbeta) {
+  const int64_t C = k.C;
+  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
+  std::vector<double> sums(pieces * 2 * C, 0.0);
+  ParallelFor(pool, rows, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
+    k.Reduce(begin, end, sums.data() + piece * 2 * C, sums.data() + piece * 2 * C + C);
+  });
+  // With r = rsqrt(var + eps), n values per channel: dbeta = sum g', dgamma = r * sum g' (x - mean), and
+  // dx = gamma r (g' - dbeta / n - (x - mean) r dgamma / n).
+  std::vector<float> a(C), b(C), cc(C);
+  const double n = static_cast<double>(rows * k.width);
+  for (int64_t c = 0; c < C; ++c) {
+    double sg = 0, sgx = 0;
+    for (int64_t piece = 0; piece < pieces; ++piece) {
+      sg += sums[piece * 2 * C + c];
+      sgx += sums[piece * 2 * C + C + c];
+    }
+    const double r = 1.0 / std::sqrt(static_cast<double>(var[c]) + epsilon);
+    dbeta[c] = static_cast<float>(sg);
+    dgamma[c] = static_cast<float>(r * sgx);
+    const double gr = gamma[c] * r;
+    a[c] = static_cast<float>(gr);
+    b[c] = static_cast<float>(gr * sg / n);
+    cc[c] = static_cast<float>(gr * r * r * sgx / n);
+  }
+  ParallelFor(pool, rows, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    k.Write(begin, end, a.data(), b.data(), cc.data(), dx);
+  });
+}
+
+ffi::Error BatchNormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> g,
+                                ffi::Buffer<ffi::F32> gamma, ffi::Buffer<ffi::F32> beta,
+                                ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                                ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dgamma,
+                                ffi::ResultBuffer<ffi::F32> dbeta, float epsilon, int64_t activation) {
+  int64_t rows, width, C;
+  if (auto e = BatchNormShape(x, gamma, beta, activation, &rows, &width, &C); e.failure()) return e;
+  if (g.element_count() != x.element_count() || mean.element_count() != static_cast<size_t>(C) ||
+      var.element_count() != static_cast<size_t>(C))
+    return ffi::Error::InvalidArgument("batch_norm backward: g must match x, mean and var need one value per channel");
+  // The forward pass's affine, recomputed exactly as there (the activation's slope is taken at the same z).
+  std::vector<float> inv(C), shift(C);
+  const float* gm = gamma.typed_data();
+  for (int64_t c = 0; c < C; ++c) {
+    inv[c] = 1.0f / std::sqrt(var.typed_data()[c] + epsilon) * gm[c];
+    shift[c] = beta.typed_data()[c] - mean.typed_data()[c] * inv[c];
+  }
+  auto run = [&](auto grad) {
+    BatchNormActBackwardWith(pool, grad, rows, gm, var.typed_data(), epsilon, dx->typed_data(),
+                             dgamma->typed_data(), dbeta->typed_data());
+  };
+  const float* xd = x.typed_data();
+  const float* gd = g.typed_data();
+  const float* md = mean.typed_data();
+  if (activation == kRelu) run(BatchNormActGrad<kRelu>{xd, gd, inv.data(), shift.data(), md, width, C});
+  else if (activation == kHardswish) run(BatchNormActGrad<kHardswish>{xd, gd, inv.data(), shift.data(), md, width, C});
+  else run(BatchNormActGrad<kIdentity>{xd, gd, inv.data(), shift.data(), md, width, C});
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Every kernel takes NHWC float32 buffers and the stride and symmetric padding as attributes.
@@ -1039,3 +1285,28 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseInputGrad, DepthwiseInputGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBatchNormActForward, BatchNormActForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (..., W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gamma
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // beta
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // y
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // batch mean
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // batch variance (biased)
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("activation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBatchNormActBackward, BatchNormActBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g, the gradient of y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // gamma
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // beta
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // mean
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // var
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dx
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dgamma
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // dbeta
+                                  .Attr<float>("epsilon")
+                                  .Attr<int64_t>("activation"));

@@ -48,6 +48,8 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_max_pool_forward": "ResmobileMaxPoolForward",
     "resmobile_expand_depthwise_forward": "ResmobileExpandDepthwiseForward",
     "resmobile_se_project_forward": "ResmobileSeProjectForward",
+    "resmobile_batch_norm_act_forward": "ResmobileBatchNormActForward",
+    "resmobile_batch_norm_act_backward": "ResmobileBatchNormActBackward",
 }
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
@@ -138,15 +140,16 @@ def _output_hw(x_shape, k: int, stride: int, padding: int) -> tuple[int, int]:
     return (h + 2 * padding - k) // stride + 1, (w + 2 * padding - k) // stride + 1
 
 
-def _call(target: str, out_shape, *args, **attributes: int):
-    """`out_shape`: one shape, or a list of shapes for a kernel with several outputs (then a list of arrays)."""
+def _call(target: str, out_shape, *args, **attributes: int | float):
+    """`out_shape`: one shape, or a list of shapes for a kernel with several outputs (then a list of arrays).
+    Integer attributes travel as int64, float ones as float32 (what the C++ handlers bind)."""
     if isinstance(out_shape, list):
         result = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in out_shape]
     else:
         result = jax.ShapeDtypeStruct(out_shape, jnp.float32)
     # "sequential": under vmap, one call per example (correct, not fast; the model is never vmapped).
     call = jax.ffi.ffi_call(target, result, vmap_method="sequential")
-    return call(*args, **{k: np.int64(v) for k, v in attributes.items()})
+    return call(*args, **{k: np.float32(v) if isinstance(v, float) else np.int64(v) for k, v in attributes.items()})
 
 
 def _forward(x, w, stride, padding):
@@ -291,3 +294,42 @@ def se_project_forward(d, se_scale, project, residual_input=None):
     res = jnp.zeros((0,), f32) if residual_input is None else residual_input.astype(f32)
     return _call("resmobile_se_project_forward", (*d.shape[:3], wp.shape[-1]), d.astype(f32), se_scale.astype(f32),
                  *(a.astype(f32) for a in project), res)
+
+
+def batch_norm_act(x, gamma, beta, epsilon: float, activation: str):
+    """Training-mode BatchNorm (statistics of this batch over all axes but the last) + activation, x (..., W, C)
+    float32: (act(x * inv + shift), batch mean, biased batch variance), inv = rsqrt(var + eps) * gamma and shift =
+    beta - mean * inv as layers.BatchNorm computes them. Differentiable in x, gamma and beta through y (the full
+    BatchNorm gradient, statistics included); the returned statistics are for the running averages and carry no
+    gradient (wrap them in stop_gradient)."""
+    require()
+    f32 = jnp.float32
+    return _batch_norm_act(x.astype(f32), gamma.astype(f32), beta.astype(f32), float(epsilon), activation)
+
+
+def _bn_forward(x, gamma, beta, epsilon, activation):
+    c = x.shape[-1]
+    return _call("resmobile_batch_norm_act_forward", [x.shape, (c,), (c,)], x, gamma, beta, epsilon=epsilon,
+                 activation=ACTIVATION_CODES[activation])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_act(x, gamma, beta, epsilon, activation):
+    return tuple(_bn_forward(x, gamma, beta, epsilon, activation))
+
+
+def _bn_fwd(x, gamma, beta, epsilon, activation):
+    y, mean, var = _bn_forward(x, gamma, beta, epsilon, activation)
+    return (y, mean, var), (x, gamma, beta, mean, var)
+
+
+def _bn_bwd(epsilon, activation, residuals, cotangents):
+    g = cotangents[0]  # the statistics' cotangents are ignored: they only feed the running averages
+    x, gamma, beta, mean, var = residuals
+    dx, dgamma, dbeta = _call("resmobile_batch_norm_act_backward", [x.shape, gamma.shape, gamma.shape], x,
+                              g.astype(jnp.float32), gamma, beta, mean, var, epsilon=epsilon,
+                              activation=ACTIVATION_CODES[activation])
+    return dx, dgamma, dbeta
+
+
+_batch_norm_act.defvjp(_bn_fwd, _bn_bwd)

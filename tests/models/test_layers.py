@@ -128,10 +128,12 @@ def test_max_pool_gradient_matches_torch_including_ties(hw, impl, rng):
     np.testing.assert_allclose(np.asarray(pullback(jnp.asarray(g))[0]), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
-@pytest.mark.parametrize("kernel,stride,size,out_channels", [(3, 2, 17, 16), (7, 2, 19, 64), (3, 1, 9, 5), (5, 2, 10, 32)])
+@pytest.mark.parametrize("kernel,stride,size,out_channels",
+                         [(3, 2, 17, 16), (7, 2, 19, 64), (3, 1, 9, 5), (5, 2, 10, 32), (3, 1, 11, 8)])
 def test_stem_conv_cpu_kernel_and_gradients_match_torch(kernel, stride, size, out_channels, rng):
-    """The hand-written few-input-channel conv (register-vector paths for 16/32/64 outputs, a plain loop otherwise):
-    output, input and kernel gradients against torch; the stems pick it on this CPU."""
+    """The hand-written few-input-channel conv (register-vector paths for 8/16/32/64 outputs, a plain loop
+    otherwise; kernel-gradient tap blocks of 12/V, 6/V and single taps): output, input and kernel gradients against
+    torch; the stems pick it on this CPU."""
     import jax
 
     conv = layers.Conv(3, out_channels, kernel, stride=stride, rng=np.random.default_rng(0))

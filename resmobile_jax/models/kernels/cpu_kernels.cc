@@ -685,16 +685,31 @@ struct Padded {
 // A thread runs one custom call at a time, so the buffer is never shared; it keeps the largest size seen (32 images
 // at 224 px: 20 MB per XLA worker thread).
 Padded PadInput(ffi::ThreadPool& pool, const Geometry& g, const float* xd) {
-  static thread_local std::vector<float> buffer;
+  static thread_local std::unique_ptr<float[]> buffer;
+  static thread_local int64_t capacity = 0;
   Padded out{nullptr, g.h + 2 * g.p, g.w + 2 * g.p};
   // The tail: a last partial block of pixels reads up to 7 pixels (x S) past the last row (results discarded).
-  buffer.assign(g.n * out.hp * out.wp * g.c + 8 * g.s * g.c, 0.0f);  // reuses the capacity it has
-  float* pd = buffer.data();
+  const int64_t row_floats = out.wp * g.c, tail = 8 * g.s * g.c, size = g.n * out.hp * row_floats + tail;
+  if (capacity < size) {
+    buffer.reset(new float[size]);
+    capacity = size;
+  }
+  float* pd = buffer.get();
   out.data = pd;
-  ParallelFor(pool, g.n * g.h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / g.h, hi = row % g.h;
-      std::memcpy(pd + ((b * out.hp + hi + g.p) * out.wp + g.p) * g.c, xd + row * g.w * g.c, sizeof(float) * g.w * g.c);
+  std::fill(pd + size - tail, pd + size, 0.0f);
+  // Each padded row in one task: zeros where it is padding, the input row in between (zero-filling the whole
+  // buffer first was a single-threaded 20 MB pass, a third of the V1 stem's forward time).
+  ParallelFor(pool, g.n * out.hp, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t prow = begin; prow < end; ++prow) {
+      const int64_t b = prow / out.hp, hi = prow % out.hp - g.p;
+      float* dst = pd + prow * row_floats;
+      if (hi < 0 || hi >= g.h) {
+        std::fill(dst, dst + row_floats, 0.0f);
+        continue;
+      }
+      std::fill(dst, dst + g.p * g.c, 0.0f);
+      std::memcpy(dst + g.p * g.c, xd + (b * g.h + hi) * g.w * g.c, sizeof(float) * g.w * g.c);
+      std::fill(dst + (g.p + g.w) * g.c, dst + row_floats, 0.0f);
     }
   });
   return out;

@@ -171,3 +171,19 @@ def test_depthwise_layers_follow_the_network_and_time_both_frameworks():
     records = measure("v1", 32, 1, budget=0.01)
     assert len(records) == 15 and all(r[k] > 0 for r in records for k in r if k.endswith("_ms"))
     assert format_table(records).count("\n") == 15 + 2  # header, rule, 15 layers, total
+
+
+def test_batch_norm_layers_follow_the_network_and_time_three_forms():
+    """Every BatchNorm of the stem and the inverted residuals (V1: 1 + 15 blocks' 44, identical neighbours merged),
+    and a tiny run times each in XLA's form, the C++ kernels and PyTorch."""
+    from resmobile_jax.bench.batch_norm_layers import bn_maps, format_table, measure
+
+    v1 = bn_maps("v1", 224)
+    assert v1[:4] == [(112, 16, "hardswish", 1e-3, 1), (112, 16, "relu", 1e-3, 1), (112, 16, "identity", 1e-3, 1),
+                      (112, 64, "relu", 1e-3, 1)]
+    assert sum(m[-1] for m in v1) == 1 + 15 * 3 - 1  # block 1 has no expansion
+    assert bn_maps("v2", 224)[0] == (112, 64, "relu", 1e-5, 1)
+    records = measure("v1", 32, 2, budget=0.01)  # batch 2: torch refuses batch statistics of one value
+    assert len(records) == len(bn_maps("v1", 32))
+    assert all(r[k] > 0 for r in records for k in r if k.endswith("_ms"))
+    assert format_table(records).count("\n") == len(records) + 2  # header, rule, maps, total

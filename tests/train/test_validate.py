@@ -37,6 +37,7 @@ CASES = [
     ("model.depthwise_impl", "fast", "model.depthwise_impl must be one of auto, xla, shifted, cpu_kernel"),
     ("model.stem_conv_impl", "onednn", "model.stem_conv_impl must be one of auto, xla, cpu_kernel"),
     ("model.pointwise_impl", "gemm", "model.pointwise_impl must be one of matmul, conv"),
+    ("model.batch_norm_impl", "fused", "model.batch_norm_impl must be one of auto, xla, cpu_kernel"),
 ]
 
 
@@ -57,10 +58,11 @@ def test_warmup_longer_than_run():
         check_config(c)
 
 
-def test_cpu_kernel_needs_float32():
+@pytest.mark.parametrize("key", ["depthwise_impl", "batch_norm_impl"])
+def test_cpu_kernel_needs_float32(key):
     c = get_config()
-    c.model.depthwise_impl, c.model.dtype = "cpu_kernel", "bfloat16"
-    with pytest.raises(ConfigError, match="depthwise_impl='cpu_kernel' computes in float32, but model.dtype is 'bfloat16'"):
+    c.model[key], c.model.dtype = "cpu_kernel", "bfloat16"
+    with pytest.raises(ConfigError, match=f"{key}='cpu_kernel' computes in float32, but model.dtype is 'bfloat16'"):
         check_config(c)
 
 

@@ -30,7 +30,8 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     # "auto": xla on GPU/TPU; on CPU cpu_kernel (float32, one device) else shifted | "xla" | "shifted" | "cpu_kernel"
     c.model.depthwise_impl = "auto"
     c.model.pointwise_impl = "matmul"  # 1x1 convs as matmuls (faster gradients on XLA:CPU) | "conv"
-    c.model.stem_conv_impl = "auto"  # "auto": cpu_kernel where depthwise gets it, else xla | "xla" | "cpu_kernel"
+    # the stems' convs (and in eval mode the tail's 3x3s): "auto" = cpu_kernel where depthwise gets it, else xla
+    c.model.stem_conv_impl = "auto"
     c.model.batch_norm_impl = "auto"  # training-mode BN + activation: "auto" cpu_kernel where it applies | "xla" | "cpu_kernel"
     c.model.fuse_eval_bn = True  # eval mode, C++ kernels: BN, activations, 1x1 convs, SE scale, max pool fused into them
     c.model.dtype = "float32" if cpu else "bfloat16"  # compute dtype; params stay param_dtype

@@ -20,6 +20,7 @@ from resmobile_jax.models.layers import (
     DepthwiseImpl,
     Linear,
     PointwiseImpl,
+    StemConvImpl,
     conv_init,
     global_avg_pool,
     hard_sigmoid,
@@ -174,14 +175,16 @@ class Bottleneck(nnx.Module):
 
     def __init__(
         self, inplanes: int, planes: int, *, pointwise_impl: PointwiseImpl = "matmul",
-        batch_norm_impl: BatchNormImpl = "auto", dtype=None, param_dtype=jnp.float32, rng: np.random.Generator,
+        batch_norm_impl: BatchNormImpl = "auto", dense_conv_impl: StemConvImpl = "auto", dtype=None,
+        param_dtype=jnp.float32, rng: np.random.Generator,
     ):
         if inplanes != planes * self.expansion:
             raise ValueError(f"Bottleneck without downsample needs inplanes == 4 * planes, got {inplanes} and {planes}")
         kw = dict(bn=RESNET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl, dtype=dtype,
                   param_dtype=param_dtype, rng=rng)
         self.conv_bn1 = ConvBNAct(inplanes, planes, 1, activation="relu", **kw)
-        self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", **kw)
+        # the 3x3 in eval mode: the C++ dense conv kernel with BN + ReLU unless dense_conv_impl is "xla"
+        self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", stem_conv_impl=dense_conv_impl, **kw)
         self.conv_bn3 = ConvBNAct(planes, inplanes, 1, activation="identity", **kw)
 
     def __call__(self, x):

@@ -328,15 +328,18 @@ class Conv(nnx.Module):
         # (bench.breakdown); "conv" keeps conv_general_dilated.
         self.pointwise_matmul = kernel_size == 1 and self.padding == 0 and pointwise_impl == "matmul"
         # Few input channels (the stems): the hand-written XLA:CPU kernel where it applies ("auto") or is asked for;
-        # otherwise, with a large kernel (V2's 7x7), XLA's conv with a patch-matmul kernel gradient.
+        # otherwise, with a large kernel (V2's 7x7), XLA's conv with a patch-matmul kernel gradient. In eval mode
+        # (ConvBNAct's fused call) the same kernel also runs wider dense convs (the tail's 3x3 40 -> 40 on 7x7 or 2x2
+        # maps: 1.3-2.4x faster than XLA's conv there, which also reversed the kernel on every call).
+        self.eval_conv_impl = stem_conv_impl
         self.stem_conv_impl = stem_conv_impl if in_channels <= 4 else "xla"
         self.im2col_weight_grad = in_channels <= 4 and kernel_size >= 5
         self.kernel = nnx.Param(conv_init(rng, (kernel_size, kernel_size, in_channels, out_channels), param_dtype))
         self.bias = nnx.Param(jnp.asarray(np.zeros((out_channels,)), param_dtype)) if use_bias else None
 
-    def uses_cpu_kernel(self, dtype) -> bool:
-        return not self.pointwise_matmul and (
-            self.stem_conv_impl == "cpu_kernel" or (self.stem_conv_impl == "auto" and cpu_kernels_apply(dtype)))
+    def uses_cpu_kernel(self, dtype, fused_eval: bool = False) -> bool:
+        impl = self.eval_conv_impl if fused_eval else self.stem_conv_impl
+        return not self.pointwise_matmul and (impl == "cpu_kernel" or (impl == "auto" and cpu_kernels_apply(dtype)))
 
     def __call__(self, x: Array) -> Array:
         dtype = self.dtype or x.dtype
@@ -398,7 +401,7 @@ class DepthwiseConv(nnx.Module):
     def resolved_impl(self, dtype) -> str:
         return default_depthwise_impl(dtype) if self.impl == "auto" else self.impl
 
-    def uses_cpu_kernel(self, dtype) -> bool:
+    def uses_cpu_kernel(self, dtype, fused_eval: bool = False) -> bool:
         return self.resolved_impl(dtype) == "cpu_kernel"
 
     def __call__(self, x: Array) -> Array:
@@ -504,7 +507,7 @@ class ConvBNAct(nnx.Module):
     def runs_as_one_kernel(self, dtype) -> bool:
         """Eval mode, float32 (else the unfused path says what is wrong with "cpu_kernel"), a C++ conv kernel."""
         return (self.fuse_eval_bn and self.bn.use_running_average and jnp.dtype(dtype) == jnp.float32
-                and self.conv.uses_cpu_kernel(dtype))
+                and self.conv.uses_cpu_kernel(dtype, fused_eval=True))
 
     def folded(self, dtype=jnp.float32) -> tuple[Array, Array, Array]:
         """(kernel, scale, shift): the conv's kernel and its eval-mode BN, for a kernel that fuses more layers."""

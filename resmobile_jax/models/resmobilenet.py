@@ -67,7 +67,7 @@ class ResMobileNet(nnx.Module):
         )
         self.tail = nnx.List(
             [Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl,
-                        **kw) for _ in range(NUM_BOTTLENECKS)]
+                        dense_conv_impl=stem_conv_impl, **kw) for _ in range(NUM_BOTTLENECKS)]
         )
         self.head = EmbeddingHead(TAIL_CHANNELS, embedding_dim, **kw)
 

@@ -330,8 +330,9 @@ class Conv(nnx.Module):
         # Few input channels (the stems): the hand-written XLA:CPU kernel where it applies ("auto") or is asked for;
         # otherwise, with a large kernel (V2's 7x7), XLA's conv with a patch-matmul kernel gradient. In eval mode
         # (ConvBNAct's fused call) the same kernel also runs wider dense convs (the tail's 3x3 40 -> 40 on 7x7 or 2x2
-        # maps: 1.3-2.4x faster than XLA's conv there, which also reversed the kernel on every call).
-        self.eval_conv_impl = stem_conv_impl
+        # maps: 1.3-2.4x faster than XLA's conv there, which also reversed the kernel on every call); 1x1 convs
+        # never (pointwise_impl="conv" keeps XLA's).
+        self.eval_conv_impl = stem_conv_impl if in_channels <= 4 or kernel_size > 1 else "xla"
         self.stem_conv_impl = stem_conv_impl if in_channels <= 4 else "xla"
         self.im2col_weight_grad = in_channels <= 4 and kernel_size >= 5
         self.kernel = nnx.Param(conv_init(rng, (kernel_size, kernel_size, in_channels, out_channels), param_dtype))

@@ -14,17 +14,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import flags
 from flax import nnx
 
-from resmobile_jax import cli
-from resmobile_jax.bench.depthwise_layers import layer_shapes
+from resmobile_jax.bench.depthwise_layers import layer_shapes, run_layer_command
 from resmobile_jax.models.architecture import mid_block_specs
 from resmobile_jax.models.layers import MOBILENET_BN, RESNET_BN, BatchNorm
 from resmobile_jax.models.stems import MobileNetStem
 from resmobile_jax.timing import repeat_timing, time_jitted
 
-FLAGS = flags.FLAGS
 FORMS = ("xla", "cpu_kernel", "torch")
 
 
@@ -113,18 +110,5 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    cli.start_command(argv)
-    import torch
-
-    print(f"{FLAGS.variant}, {FLAGS.size} px, batch {FLAGS.batch}, float32, train mode, ms; PyTorch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)\n")
-    print(format_table(measure(FLAGS.variant, FLAGS.size, FLAGS.batch, FLAGS.budget)))
-
-
-if __name__ == "__main__":  # flags defined only when run: the tests import measure() beside bench's own flags
-    flags.DEFINE_string("variant", "v1", "v1 | v2")
-    flags.DEFINE_integer("size", 224, "square input size")
-    flags.DEFINE_integer("batch", 32, "batch size")
-    flags.DEFINE_float("budget", 0.5, "seconds of repeated calls per measurement")
-    cli.run(main)
+if __name__ == "__main__":
+    run_layer_command(measure, format_table, budget=0.5, mode=", train mode, ms")

@@ -98,18 +98,25 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    cli.start_command(argv)
-    import torch
-
-    print(f"{FLAGS.variant}, {FLAGS.size} px, batch {FLAGS.batch}, float32, PyTorch {torch.__version__} "
-          f"({torch.get_num_threads()} threads)\n")
-    print(format_table(measure(FLAGS.variant, FLAGS.size, FLAGS.batch, FLAGS.budget)))
-
-
-if __name__ == "__main__":  # flags defined only when run: the tests import measure() beside bench's own flags
+def run_layer_command(measure, format_table, budget: float, mode: str = "") -> None:
+    """The per-layer commands' flags and main (this one and bench.batch_norm_layers): one table of
+    format_table(measure(variant, size, batch, budget)) under a line naming the setting. Flags are defined only
+    when run: the tests import these modules beside bench's own flags (same names)."""
     flags.DEFINE_string("variant", "v1", "v1 | v2")
     flags.DEFINE_integer("size", 224, "square input size")
     flags.DEFINE_integer("batch", 32, "batch size")
-    flags.DEFINE_float("budget", 1.0, "seconds of repeated calls per measurement")
+    flags.DEFINE_float("budget", budget, "seconds of repeated calls per measurement")
+
+    def main(argv):
+        cli.start_command(argv)
+        import torch
+
+        print(f"{FLAGS.variant}, {FLAGS.size} px, batch {FLAGS.batch}, float32{mode}, PyTorch {torch.__version__} "
+              f"({torch.get_num_threads()} threads)\n")
+        print(format_table(measure(FLAGS.variant, FLAGS.size, FLAGS.batch, FLAGS.budget)))
+
     cli.run(main)
+
+
+if __name__ == "__main__":
+    run_layer_command(measure, format_table, budget=1.0)

@@ -230,11 +230,12 @@ class BatchNorm(nnx.Module):
     def __call__(self, x: Array, activation: str = "identity") -> Array:
         """act(BN(x)), `activation` one of ACTIVATIONS (the BN output in the compute dtype, then the activation)."""
         dtype = self.dtype or x.dtype
+        n = x.size // x.shape[-1]  # values per channel
         if self.uses_cpu_kernel(x.ndim, dtype):
             if dtype != jnp.float32:
                 raise ValueError(f"batch_norm_impl='cpu_kernel' computes in float32, got {dtype}; use 'auto' or 'xla'")
             y, mean, var = cpu_kernels.batch_norm_act(x, self.scale[...], self.bias[...], self.epsilon, activation)
-            self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), x.size // x.shape[-1])
+            self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), n)
             return y
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
@@ -243,7 +244,7 @@ class BatchNorm(nnx.Module):
             xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axis=reduce_axes)
             var = jnp.mean(jnp.square(xf - mean), axis=reduce_axes)
-            self._update_running(mean, var, x.size // x.shape[-1])
+            self._update_running(mean, var, n)
         inv, shift = self.folded_affine(mean, var)
         return ACTIVATIONS[activation]((x.astype(jnp.float32) * inv + shift).astype(dtype))
 

@@ -83,12 +83,17 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t pieces, Body body
 // A few chunks per thread, so a thread that starts late or runs slow does not leave the others waiting.
 int64_t Pieces(ffi::ThreadPool& pool) { return 4 * std::max<int64_t>(1, pool.num_threads()); }
 
+// The chunks ParallelFor makes of `rows` rows, for callers that keep per-chunk accumulators.
+int64_t PiecesFor(ffi::ThreadPool& pool, int64_t rows) {
+  return std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
+}
+
 // Kernel gradients: body(begin, end, acc) sums rows [begin, end) into its chunk's own zeroed `size`-float
 // accumulator; the chunks' accumulators are then added into `out` in chunk order, so the result does not depend on
 // thread timing.
 template <typename Body>
 void ParallelSum(ffi::ThreadPool& pool, int64_t rows, int64_t size, float* out, Body body) {
-  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
+  const int64_t pieces = PiecesFor(pool, rows);
   std::vector<float> acc(pieces * size, 0.0f);
   ParallelFor(pool, rows, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
     body(begin, end, acc.data() + piece * size);
@@ -1043,23 +1048,19 @@ void RowMoments(const float* x, int64_t pixels, int64_t C, float* sum, float* m2
   acc->Merge(static_cast<double>(pixels), mean_b->data(), m2_b->data());
 }
 
-// The float32 statistics and the folded affine, as layers.BatchNorm computes them: inv = rsqrt(var + eps) * gamma,
-// shift = beta - mean * inv.
-struct BatchStats {
-  std::vector<float> mean, var, inv, shift;
-};
-
-BatchStats FoldedStats(const ChannelMoments& m, const float* gamma, const float* beta, float epsilon) {
-  const int64_t C = m.mean.size();
-  BatchStats s{std::vector<float>(C), std::vector<float>(C), std::vector<float>(C), std::vector<float>(C)};
-  for (int64_t c = 0; c < C; ++c) {
-    s.mean[c] = static_cast<float>(m.mean[c]);
-    s.var[c] = static_cast<float>(m.m2[c] / std::max(m.count, 1.0));
-    s.inv[c] = 1.0f / std::sqrt(s.var[c] + epsilon) * gamma[c];
-    s.shift[c] = beta[c] - s.mean[c] * s.inv[c];
+// The folded affine of the float32 statistics, as layers.BatchNorm computes it: inv = rsqrt(var + eps) * gamma,
+// shift = beta - mean * inv. Both passes call this, so the backward pass takes the activation's slope at exactly
+// the forward pass's z.
+struct FoldedAffine {
+  std::vector<float> inv, shift;
+  FoldedAffine(const float* mean, const float* var, const float* gamma, const float* beta, float epsilon, int64_t C)
+      : inv(C), shift(C) {
+    for (int64_t c = 0; c < C; ++c) {
+      inv[c] = 1.0f / std::sqrt(var[c] + epsilon) * gamma[c];
+      shift[c] = beta[c] - mean[c] * inv[c];
+    }
   }
-  return s;
-}
+};
 
 ffi::Error BatchNormShape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& gamma,
                           const ffi::Buffer<ffi::F32>& beta, int64_t activation, int64_t* rows, int64_t* width,
@@ -1083,7 +1084,7 @@ ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   int64_t rows, width, C;
   if (auto e = BatchNormShape(x, gamma, beta, activation, &rows, &width, &C); e.failure()) return e;
   const float* xd = x.typed_data();
-  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
+  const int64_t pieces = PiecesFor(pool, rows);
   std::vector<ChannelMoments> parts(pieces, ChannelMoments(C));
   const int64_t group = std::max<int64_t>(1, (16 << 10) / (width * C));  // rows per group: ~16k floats
   ParallelFor(pool, rows, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
@@ -1096,10 +1097,14 @@ ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   ChannelMoments total(C);
   for (const ChannelMoments& part : parts)
     if (part.count > 0) total.Merge(part.count, part.mean.data(), part.m2.data());
-  const BatchStats s = FoldedStats(total, gamma.typed_data(), beta.typed_data(), epsilon);
-  std::memcpy(mean->typed_data(), s.mean.data(), sizeof(float) * C);
-  std::memcpy(var->typed_data(), s.var.data(), sizeof(float) * C);
-  const Epilogue epi{s.inv.data(), s.shift.data(), activation};
+  float* md = mean->typed_data();
+  float* vd = var->typed_data();
+  for (int64_t c = 0; c < C; ++c) {
+    md[c] = static_cast<float>(total.mean[c]);
+    vd[c] = static_cast<float>(total.m2[c] / std::max(total.count, 1.0));
+  }
+  const FoldedAffine f(md, vd, gamma.typed_data(), beta.typed_data(), epsilon, C);
+  const Epilogue epi{f.inv.data(), f.shift.data(), activation};
   float* yd = y->typed_data();
   ParallelFor(pool, rows, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
     ApplyEpilogue(epi, xd + begin * width * C, yd + begin * width * C, (end - begin) * width, C);
@@ -1180,7 +1185,7 @@ void BatchNormActBackwardWith(ffi::ThreadPool& pool, const BatchNormActGrad<kAct
                               const float* gamma, const float* var, float epsilon, float* dx, float* dgamma,
                               float* dbeta) {
   const int64_t C = k.C;
-  const int64_t pieces = std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
+  const int64_t pieces = PiecesFor(pool, rows);
   std::vector<double> sums(pieces * 2 * C, 0.0);
   ParallelFor(pool, rows, pieces, [&](int64_t begin, int64_t end, int64_t piece) {
     k.Reduce(begin, end, sums.data() + piece * 2 * C, sums.data() + piece * 2 * C + C);
@@ -1218,23 +1223,19 @@ ffi::Error BatchNormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   if (g.element_count() != x.element_count() || mean.element_count() != static_cast<size_t>(C) ||
       var.element_count() != static_cast<size_t>(C))
     return ffi::Error::InvalidArgument("batch_norm backward: g must match x, mean and var need one value per channel");
-  // The forward pass's affine, recomputed exactly as there (the activation's slope is taken at the same z).
-  std::vector<float> inv(C), shift(C);
   const float* gm = gamma.typed_data();
-  for (int64_t c = 0; c < C; ++c) {
-    inv[c] = 1.0f / std::sqrt(var.typed_data()[c] + epsilon) * gm[c];
-    shift[c] = beta.typed_data()[c] - mean.typed_data()[c] * inv[c];
-  }
+  const float* md = mean.typed_data();
+  const FoldedAffine f(md, var.typed_data(), gm, beta.typed_data(), epsilon, C);
   auto run = [&](auto grad) {
     BatchNormActBackwardWith(pool, grad, rows, gm, var.typed_data(), epsilon, dx->typed_data(),
                              dgamma->typed_data(), dbeta->typed_data());
   };
   const float* xd = x.typed_data();
   const float* gd = g.typed_data();
-  const float* md = mean.typed_data();
-  if (activation == kRelu) run(BatchNormActGrad<kRelu>{xd, gd, inv.data(), shift.data(), md, width, C});
-  else if (activation == kHardswish) run(BatchNormActGrad<kHardswish>{xd, gd, inv.data(), shift.data(), md, width, C});
-  else run(BatchNormActGrad<kIdentity>{xd, gd, inv.data(), shift.data(), md, width, C});
+  const float *inv = f.inv.data(), *shift = f.shift.data();
+  if (activation == kRelu) run(BatchNormActGrad<kRelu>{xd, gd, inv, shift, md, width, C});
+  else if (activation == kHardswish) run(BatchNormActGrad<kHardswish>{xd, gd, inv, shift, md, width, C});
+  else run(BatchNormActGrad<kIdentity>{xd, gd, inv, shift, md, width, C});
   return ffi::Error::Success();
 }
 

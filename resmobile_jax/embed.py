@@ -6,7 +6,9 @@ gallery file (`resmobile_jax.gallery`) that `python -m resmobile_jax.search` que
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -18,13 +20,46 @@ from resmobile_jax.data.preprocess import Preprocess, normalize
 from resmobile_jax.data.sources import ImageSet
 
 
-def make_embed_fn(graphdef, dtype, mesh):
-    """jit((params, batch_stats, uint8 images) -> embeddings); `graphdef` must come from a model in eval mode."""
+class EmbedFn:
+    """jit((params, batch_stats, uint8 images) -> embeddings), taking the two states as their leaves. nnx.State
+    flattens in Python, ~1 ms per call for this model's ~400 arrays: a quarter of the batch-1 latency at 64 px
+    (measured). `bind` flattens them once; calls of what it returns pass a list of arrays (jit's C++ fast path)."""
 
-    def embed(params, batch_stats, images):
-        return nnx.merge(graphdef, params, batch_stats)(normalize(images, dtype))
+    def __init__(self, graphdef, dtype, mesh):
+        self._graphdef, self._dtype, self._out_sharding = graphdef, dtype, parallel.replicated(mesh)
+        self._jitted = {}  # one jit per state structure (in practice one)
 
-    return jax.jit(embed, out_shardings=parallel.replicated(mesh))
+    def jitted(self, treedef):
+        """jit((leaves of (params, batch_stats), images) -> embeddings) for states of structure `treedef`."""
+        if treedef not in self._jitted:
+            def embed(leaves, images):
+                params, batch_stats = jax.tree.unflatten(treedef, leaves)
+                return nnx.merge(self._graphdef, params, batch_stats)(normalize(images, self._dtype))
+
+            self._jitted[treedef] = jax.jit(embed, out_shardings=self._out_sharding)
+        return self._jitted[treedef]
+
+    def bind(self, params, batch_stats) -> "BoundEmbedFn":
+        leaves, treedef = jax.tree.flatten((params, batch_stats))
+        return BoundEmbedFn(self.jitted(treedef), leaves)
+
+    def __call__(self, params, batch_stats, images):
+        return self.bind(params, batch_stats)(images)
+
+
+class BoundEmbedFn(NamedTuple):
+    """images -> embeddings with the weights bound; `jitted.lower(leaves, images)` compiles it ahead of time."""
+
+    jitted: Callable
+    leaves: list
+
+    def __call__(self, images):
+        return self.jitted(self.leaves, images)
+
+
+def make_embed_fn(graphdef, dtype, mesh) -> EmbedFn:
+    """(params, batch_stats, uint8 images) -> embeddings; `graphdef` must come from a model in eval mode."""
+    return EmbedFn(graphdef, dtype, mesh)
 
 
 def embed_images(embed_fn, params, batch_stats, images: ImageSet, preprocess: Preprocess, batch_size: int, mesh,
@@ -37,9 +72,10 @@ def embed_images(embed_fn, params, batch_stats, images: ImageSet, preprocess: Pr
         from tqdm import tqdm
 
         batches = tqdm(batches, total=-(-len(images) // batch_size), desc="embedding", unit="batch", leave=False)
+    bound = embed_fn.bind(params, batch_stats)
     out = []
     for local, real in batches:
-        emb = embed_fn(params, batch_stats, jax.make_array_from_process_local_data(sharding, local["image"]))
+        emb = bound(jax.make_array_from_process_local_data(sharding, local["image"]))
         out.append(np.asarray(emb.addressable_data(0))[:real])  # replicated: every process holds all rows
     return np.concatenate(out)
 

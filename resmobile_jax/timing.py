@@ -92,7 +92,8 @@ def inference_timing(model, input_hw: tuple[int, int], batch_sizes=(1, 64), dtyp
     out = {"backend": jax.default_backend(), "device": device_description(), "input_hw": list(input_hw)}
     for b in batch_sizes:
         images = rng.integers(0, 256, (b, *input_hw, 3), dtype=np.uint8)
-        r = time_jitted(embed, params, batch_stats, images, **kwargs)
+        bound = embed.bind(params, batch_stats)
+        r = time_jitted(bound.jitted, bound.leaves, images, **kwargs)
         r["ms_per_image"] = r["median_ms"] / b
         r["images_per_second"] = 1e3 * b / r["median_ms"]
         out[f"batch_{b}"] = r

@@ -53,8 +53,9 @@ def eval_call(config, batch: int):
     size = int(config.model.input_size)
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     embed = make_embed_fn(graphdef, jax.numpy.dtype(config.model.dtype), parallel.data_mesh())
-    compiled = embed.lower(params, batch_stats, images).compile()
-    return lambda: jax.block_until_ready(compiled(params, batch_stats, images))
+    bound = embed.bind(params, batch_stats)
+    compiled = bound.jitted.lower(bound.leaves, images).compile()
+    return lambda: jax.block_until_ready(compiled(bound.leaves, images))
 
 
 def train_call(config, batch: int):

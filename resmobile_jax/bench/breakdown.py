@@ -108,11 +108,11 @@ def trace_train_steps(variant: str, size: int, batch: int, directory: str) -> No
     from resmobile_jax.bench import jax_side
 
     step, state, data = jax_side.train_setup(jax_side.bench_config(variant, size, "float32"), batch)
-    state, metrics = step(state, data)  # compile outside the trace
+    leaves, metrics = step.on_leaves(step.leaves(state), data)  # compile outside the trace
     jax.block_until_ready(metrics)
     with jax.profiler.trace(directory):
         for _ in range(TRACED_STEPS):
-            state, metrics = step(state, data)
+            leaves, metrics = step.on_leaves(leaves, data)
         jax.block_until_ready(metrics)
     print(f"trace written to {directory}\n")
     print(op_table(directory, TRACED_STEPS))

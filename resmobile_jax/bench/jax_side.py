@@ -53,7 +53,7 @@ def train_setup(config, batch: int):
     mesh = parallel.data_mesh()
     replicated = parallel.replicated(mesh)
     state = jax.device_put(create_train_state(model, config, NUM_CLASSES, tx, loss_tx, loss.uses_proxies), replicated)
-    step = make_train_step(replicated, graphdef=split_model(model)[0], loss_fn=loss.fn, tx=tx, loss_tx=loss_tx,
+    step = make_train_step(replicated, state, graphdef=split_model(model)[0], loss_fn=loss.fn, tx=tx, loss_tx=loss_tx,
                            schedule=schedule, ema_decay=float(config.optimizer.ema_decay),
                            dtype=jnp.dtype(config.model.dtype))
     data = parallel.global_batch(synthetic_batch(batch, int(config.model.input_size)), parallel.batch_sharding(mesh))
@@ -62,10 +62,10 @@ def train_setup(config, batch: int):
 
 def train_step_call(config, batch: int):
     """(call, compile seconds): call() runs one compiled train step to completion and returns its metrics, the
-    state donated from step to step as in training."""
+    state carried as leaves and donated from step to step as in training."""
     step, state, data = train_setup(config, batch)
-    compiled, compile_seconds = compile_jitted(step, state, data)
-    holder = [state]
+    holder = [step.leaves(state)]
+    compiled, compile_seconds = compile_jitted(step.on_leaves, holder[0], data)
 
     def call():
         holder[0], metrics = compiled(holder[0], data)

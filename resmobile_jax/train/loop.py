@@ -176,7 +176,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             print(f"resumed from {workdir / ckpt_lib.LATEST_DIR} at step {start_step} (epoch {record['epoch']})")
 
     train_step = make_train_step(
-        replicated, graphdef=graphdef_train, loss_fn=loss.fn, tx=tx, loss_tx=loss_tx, schedule=schedule,
+        replicated, state, graphdef=graphdef_train, loss_fn=loss.fn, tx=tx, loss_tx=loss_tx, schedule=schedule,
         ema_decay=float(config.optimizer.ema_decay), dtype=dtype, skip_nonfinite=config.train.on_nonfinite == "skip",
     )
     writer = MetricWriter(workdir)
@@ -191,12 +191,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     stats_fn = make_batch_stats_fn(model, dtype, mesh) if int(config.train.precise_bn_images) else None
 
     def run_eval(step: int) -> dict:
-        nonlocal state
+        nonlocal leaves
+        state = train_step.state(leaves)
         if stats_fn is not None:
             params = state.ema_params if state.ema_params is not None else state.params
             state = state.replace(batch_stats=recompute_batch_stats(
                 stats_fn, params, state.batch_stats, splits.train, preprocess, int(config.data.batch_size),
                 int(config.train.precise_bn_images), config.seed, mesh))
+            leaves = train_step.leaves(state)
         metrics = evaluate_state(state, embed_fn, splits, preprocess, config, mesh, progress)
         writer.write(step, "eval", metrics)
         checkpoints.save_best(step, state, record(step, metrics), metrics)
@@ -227,11 +229,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step, last_log, t_log, skipped = start_step, start_step, time.time(), 0
     compile_time = None
     metrics = None
+    leaves = train_step.leaves(state)  # the loop carries the state as leaves (TrainStep says why)
+    del state
     with _StopRequest() as stop:
         data = batches.iterate(start_step, total_steps)
         for local in data:
             t0 = time.time()
-            state, step_metrics = train_step(state, parallel.global_batch(local, sharding))
+            leaves, step_metrics = train_step.on_leaves(leaves, parallel.global_batch(local, sharding))
             if compile_time is None:
                 jax.block_until_ready(step_metrics)
                 compile_time = time.time() - t0
@@ -261,7 +265,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             if step % int(config.train.checkpoint_every_steps) == 0 or last or stop.signal:
                 if not logging_step:
                     check_finite(step_metrics, step)  # never checkpoint a state that went NaN since the last check
-                checkpoints.save(step, state, record(step))
+                checkpoints.save(step, train_step.state(leaves), record(step))
             if stop.signal:
                 checkpoints.wait()
                 if bar is not None:

@@ -52,7 +52,7 @@ def main(out: str, steps: int) -> None:
     model.train()
     state = jax.device_put(create_train_state(model, config, 10, tx, loss_tx, False), replicated)
     initial = jax.tree.map(lambda x: np.asarray(x.addressable_data(0)), state.params)
-    step = make_train_step(replicated, graphdef=split_model(model)[0], loss_fn=loss.fn, tx=tx, loss_tx=loss_tx,
+    step = make_train_step(replicated, state, graphdef=split_model(model)[0], loss_fn=loss.fn, tx=tx, loss_tx=loss_tx,
                            schedule=schedule, ema_decay=0.0)
     for i in range(steps):
         state, metrics = step(state, parallel.global_batch(batches.load(i), parallel.batch_sharding(mesh)))

@@ -73,7 +73,7 @@ def test_skip_mode_leaves_the_state_unchanged_on_a_nan_loss():
     rep = parallel.replicated(mesh)
     state = jax.device_put(create_train_state(model, c, 10, tx, loss_tx, real.uses_proxies), rep)
     assert state.loss_params and state.ema_params is not None  # proxies and EMA are part of what must not move
-    step = make_train_step(rep, graphdef=split_model(model)[0], loss_fn=loss_fn, tx=tx, loss_tx=loss_tx, schedule=schedule,
+    step = make_train_step(rep, state, graphdef=split_model(model)[0], loss_fn=loss_fn, tx=tx, loss_tx=loss_tx, schedule=schedule,
                            ema_decay=0.9, skip_nonfinite=True)
     batch = synthetic_batch(8, 32)
     good = parallel.global_batch(batch, parallel.batch_sharding(mesh))

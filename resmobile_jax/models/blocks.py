@@ -74,6 +74,7 @@ class InvertedResidual(nnx.Module):
         pointwise_impl: PointwiseImpl = "matmul",
         batch_norm_impl: BatchNormImpl = "auto",
         fuse_eval_bn: bool = True,
+        fuse_train_bn: bool = True,
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
@@ -82,6 +83,7 @@ class InvertedResidual(nnx.Module):
         kw = dict(bn=MOBILENET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl, dtype=dtype,
                   param_dtype=param_dtype, rng=rng)
         self.spec = spec
+        self.fuse_train_bn = fuse_train_bn
         self.use_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
         # torchvision adds the expand conv only when it changes the width (V2's block 1 gains one: 64 -> 16).
         self.expand = ConvBNAct(spec.in_channels, spec.expanded, 1, activation=act, **kw) if spec.expanded != spec.in_channels else None
@@ -103,6 +105,26 @@ class InvertedResidual(nnx.Module):
         return (self.depthwise.runs_as_one_kernel(self.depthwise.conv.dtype or x.dtype)
                 and expanded_bytes >= FUSED_BLOCK_MIN_BYTES)
 
+    def expansion_bn_in_depthwise(self, x) -> bool:
+        """Training (batch statistics) with the C++ BN and depthwise kernels, and `fuse_train_bn`."""
+        if not self.fuse_train_bn or self.expand is None:
+            return False
+        dtype = self.depthwise.conv.dtype or x.dtype
+        return (jnp.dtype(dtype) == jnp.float32 and self.expand.bn.uses_cpu_kernel(x.ndim, dtype)
+                and self.depthwise.conv.uses_cpu_kernel(dtype))
+
+    def _expansion_bn_in_depthwise(self, x):
+        """depthwise(act(BN(expand_conv(x)))): the depthwise kernels apply the expansion's BN + activation to each
+        row as they read it (forward and kernel gradient), so the BN's output, the block's largest map, is never
+        written and read back (cpu_kernels.batch_norm_act_depthwise). Then the depthwise layer's own BN + activation."""
+        bn, conv = self.expand.bn, self.depthwise.conv
+        z = self.expand.conv(x)
+        d, mean, var = cpu_kernels.batch_norm_act_depthwise(z, bn.scale[...], bn.bias[...], bn.epsilon,
+                                                            self.expand.activation, conv.kernel[...], conv.stride,
+                                                            conv.padding)
+        bn.update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), z.size // z.shape[-1])
+        return self.depthwise.bn(d, self.depthwise.activation)
+
     def __call__(self, x):
         dtype = self.depthwise.conv.dtype or x.dtype
         if self.runs_as_kernels(x):
@@ -116,8 +138,11 @@ class InvertedResidual(nnx.Module):
             return inverted_residual_kernel(self.depthwise.activation, self.spec.stride, self.depthwise.conv.padding,
                                             self.use_residual, x.astype(dtype), expand, self.depthwise.folded(), se,
                                             project)
-        y = x if self.expand is None else self.expand(x)
-        y = self.depthwise(y)
+        if self.expansion_bn_in_depthwise(x):
+            y = self._expansion_bn_in_depthwise(x)
+        else:
+            y = x if self.expand is None else self.expand(x)
+            y = self.depthwise(y)
         if self.se is not None:
             y = self.se(y)
         y = self.project(y)

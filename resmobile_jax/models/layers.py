@@ -235,7 +235,7 @@ class BatchNorm(nnx.Module):
             if dtype != jnp.float32:
                 raise ValueError(f"batch_norm_impl='cpu_kernel' computes in float32, got {dtype}; use 'auto' or 'xla'")
             y, mean, var = cpu_kernels.batch_norm_act(x, self.scale[...], self.bias[...], self.epsilon, activation)
-            self._update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), n)
+            self.update_running(jax.lax.stop_gradient(mean), jax.lax.stop_gradient(var), n)
             return y
         if self.use_running_average:
             mean, var = self.mean[...], self.var[...]
@@ -244,11 +244,11 @@ class BatchNorm(nnx.Module):
             xf = x.astype(jnp.float32)
             mean = jnp.mean(xf, axis=reduce_axes)
             var = jnp.mean(jnp.square(xf - mean), axis=reduce_axes)
-            self._update_running(mean, var, n)
+            self.update_running(mean, var, n)
         inv, shift = self.folded_affine(mean, var)
         return ACTIVATIONS[activation]((x.astype(jnp.float32) * inv + shift).astype(dtype))
 
-    def _update_running(self, mean: Array, var: Array, n: int) -> None:
+    def update_running(self, mean: Array, var: Array, n: int) -> None:
         """PyTorch's update: the running variance from the unbiased batch variance (n values per channel)."""
         m = self.momentum
         self.mean[...] = m * self.mean[...] + (1.0 - m) * mean

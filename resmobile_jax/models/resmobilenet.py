@@ -44,6 +44,7 @@ class ResMobileNet(nnx.Module):
         stem_conv_impl: str = "auto",
         batch_norm_impl: str = "auto",
         fuse_eval_bn: bool = True,
+        fuse_train_bn: bool = True,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rng: np.random.Generator | int = 0,
@@ -62,7 +63,8 @@ class ResMobileNet(nnx.Module):
             conv_impl=stem_conv_impl, batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, **kw)
         self.mid = nnx.List(
             [InvertedResidual(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl,
-                              batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, **kw)
+                              batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, fuse_train_bn=fuse_train_bn,
+                              **kw)
              for spec in mid_block_specs(variant, v2_output_stride)]
         )
         self.tail = nnx.List(
@@ -133,6 +135,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         stem_conv_impl=model_config.get("stem_conv_impl", "auto"),
         batch_norm_impl=model_config.get("batch_norm_impl", "auto"),
         fuse_eval_bn=bool(model_config.get("fuse_eval_bn", True)),
+        fuse_train_bn=bool(model_config.get("fuse_train_bn", True)),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),
     )

@@ -2,7 +2,8 @@
 test_layers.py; the whole network in eval mode against torchvision in tests/convert/test_parity.py): an inverted
 residual without squeeze-excitation is one C++ kernel call (expansion, depthwise, projection, their BNs and
 activations, the residual); one with SE two (expansion + depthwise + the pool's sums; the projection with the SE
-scale folded into its weights, BN and residual) around the SE's matmuls."""
+scale folded into its weights, BN and residual) around the SE's matmuls. In training, the expansion's BN +
+activation run inside the depthwise kernels (fuse_train_bn), again computing what the unfused layers compute."""
 
 import jax
 import jax.numpy as jnp
@@ -102,3 +103,33 @@ def test_small_maps_stay_with_xla_matmuls(rng):
     assert "inverted_residual" not in small and "@resmobile_depthwise_forward_bn_act(" in small
     side = int(np.ceil(np.sqrt(blocks.FUSED_BLOCK_MIN_BYTES / (4 * spec.expanded))))
     assert "@resmobile_inverted_residual_forward(" in lowered(side)
+
+
+@pytest.mark.parametrize("name", ["relu k3 s2", "se k5 s2", "se hardswish residual", "odd widths"])
+def test_training_block_runs_the_expansion_bn_inside_the_depthwise_kernels(name, rng):
+    """Training mode, `fuse_train_bn`: the expansion's BN + activation run inside the depthwise kernels
+    (batch_norm_act_depthwise, tested against torch in test_layers.py) and the block computes what the unfused
+    layers compute, bit for bit: the same float32 operations. Outputs, running statistics, all gradients."""
+    spec = BLOCKS[name]
+    x = jnp.asarray(rng.standard_normal((6, 13, 11, spec.in_channels)), jnp.float32)
+
+    def run(fuse):
+        block = InvertedResidual(spec, fuse_train_bn=fuse, rng=np.random.default_rng(0))
+        block.train()
+        graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+        def loss(params, x):
+            m = nnx.merge(graphdef, params, rest, copy=True)
+            y = m(x)
+            return jnp.sum(y * jnp.cos(y)), (y, nnx.state(m, nnx.BatchStat))
+
+        step = jax.jit(jax.grad(loss, argnums=(0, 1), has_aux=True))
+        return step.lower(params, x).as_text(), step(params, x)
+
+    fused_text, fused = run(True)
+    unfused_text, unfused = run(False)
+    assert fused_text.count("@resmobile_bn_act_depthwise_forward(") == 1
+    assert fused_text.count("@resmobile_bn_act_depthwise_kernel_grad(") == 1
+    assert "@resmobile_depthwise_forward(" not in fused_text and "bn_act_depthwise" not in unfused_text
+    for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(unfused)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))

@@ -344,6 +344,47 @@ def test_batchnorm_activation_training_gradients_match_torch(impl, activation, r
     np.testing.assert_allclose(np.asarray(dparams["bias"][...]), tbn.bias.grad.numpy(), rtol=1e-4, atol=1e-4)
 
 
+# Batch 2: few output rows, the kernel computes all input rows first; batch 12: rows computed into a ring as it goes
+@pytest.mark.parametrize("batch", [2, 12])
+@pytest.mark.parametrize("kernel,stride,activation", [(3, 1, "relu"), (3, 2, "hardswish"), (5, 2, "relu"),
+                                                       (5, 1, "hardswish")])
+def test_batchnorm_into_depthwise_matches_torch(batch, kernel, stride, activation, rng):
+    """cpu_kernels.batch_norm_act_depthwise (training: the depthwise kernels apply the BN + activation to the rows
+    they read) against torch's BatchNorm2d + activation + grouped Conv2d: output, batch statistics, and the
+    gradients of x, scale, bias and the depthwise kernel. 20 channels: 8-wide vectors and a scalar tail."""
+    h, w, c, p = 9, 10, 20, kernel // 2
+    x = (3.0 + 2.0 * rng.standard_normal((batch, h, w, c))).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    wk = (0.3 * rng.standard_normal((kernel, kernel, 1, c))).astype(np.float32)
+    tbn = torch.nn.BatchNorm2d(c, eps=1e-3, momentum=1.0)  # momentum 1: running stats = this batch's (unbiased var)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(gamma))
+        tbn.bias.copy_(torch.from_numpy(beta))
+    xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy()).requires_grad_(True)
+    wt = torch.from_numpy(wk.transpose(3, 2, 0, 1).copy()).requires_grad_(True)
+    yt = torch.nn.functional.conv2d(TORCH_ACT_FUNCTIONS[activation](tbn(xt)), wt, stride=stride, padding=p, groups=c)
+    g = rng.standard_normal(yt.shape).astype(np.float32).transpose(0, 2, 3, 1)
+    yt.backward(torch.from_numpy(g.transpose(0, 3, 1, 2).copy()))
+
+    def loss(x, gamma, beta, wk):
+        y, mean, var = cpu_kernels.batch_norm_act_depthwise(x, gamma, beta, 1e-3, activation, wk, stride, p)
+        return jnp.vdot(y, jnp.asarray(g)), (y, mean, var)
+
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3), has_aux=True))
+    args = tuple(jnp.asarray(a) for a in (x, gamma, beta, wk))
+    hlo = step.lower(*args).as_text()
+    assert "resmobile_bn_act_depthwise_forward" in hlo and "resmobile_bn_act_depthwise_kernel_grad" in hlo
+    (dx, dgamma, dbeta, dw), (y, mean, var) = step(*args)
+    n = batch * h * w
+    np.testing.assert_allclose(np.asarray(y), yt.detach().numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(mean), tbn.running_mean.numpy(), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(var) * n / (n - 1), tbn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dgamma), tbn.weight.grad.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dbeta), tbn.bias.grad.numpy(), rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(np.asarray(dw), wt.grad.numpy().transpose(2, 3, 1, 0), rtol=1e-4, atol=1e-3)
+
+
 def test_batchnorm_kernel_statistics_hold_for_a_large_mean(rng):
     """Single-pass statistics lose the variance to cancellation when the mean is large against the spread
     (E[x^2] - E[x]^2); the kernel's per-row two-pass moments merged in float64 must not. Reference: float64 NumPy."""

@@ -15,6 +15,9 @@
 //   BatchNorms, activations and the residual in one pass over rows (two around the squeeze-excitation's matmuls),
 //   with an own register-blocked 1x1 kernel (Pointwise1x1): unfused, the expanded and depthwise maps, the largest
 //   of the network, are each written to memory and read back by separate XLA ops.
+// - training-mode BatchNorm + activation (batch statistics; forward and backward), and that BN + activation as a
+//   prologue of the depthwise forward and kernel-gradient passes (applied to each input row as it is read), so an
+//   inverted residual's expanded map is written once, before its BN, instead of also after it.
 //
 // Layouts: x (N, H, W, C), depthwise w (K, K, C) (the model's (K, K, 1, C) kernel, flattened), dense w
 // (K, K, Cin, Cout), y (N, Ho, Wo, C), Ho = (H + 2P - K) / S + 1. Tap (i, j) of output (r, q) reads input
@@ -355,6 +358,7 @@ void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const fl
 // (y @ w) * scale + shift (`project`), plus the block's input when `residual`.
 struct Fused {
   Pointwise expand;
+  Epilogue prologue;  // training: the previous layer's BN + activation, applied to input rows as they are read
   Epilogue epi;
   Pointwise project;
   bool residual = false;
@@ -384,7 +388,8 @@ inline int64_t RowsPerCall(int64_t width) { return std::max<int64_t>(1, (64 + wi
 // y[b, r, q, :] = sum_ij x[b, r*S+i-P, q*S+j-P, :] * w[i, j, :]: output row (b, r) is one line, a = S, taps (i, j)
 // in order with col = j - P. With an expansion, expanded input rows live in a per-thread ring, computed a few rows
 // per call as the output rows advance (each once per chunk of output rows); the padding stays zero (taps outside x
-// are skipped). With a projection, depthwise output rows collect in a per-thread scratch buffer and are projected a
+// are skipped); so do the rows of a prologue (training: the previous BN + activation, whose output map is then
+// never written). With a projection, depthwise output rows collect in a per-thread scratch buffer and are projected a
 // few rows at a time: neither the expanded nor the depthwise map is ever written to memory whole.
 // With few output rows per chunk (small batches), a chunk's first K-1 input rows, which the chunk before computes
 // too, would be a large part of the expansion (batch 1, 7x7 map, k5: up to 5x its work), so the expansion is done
@@ -401,16 +406,22 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const int64_t C = f.expand.w != nullptr ? f.expand.cout : g.c;  // the depthwise convolution's channels
   const int64_t cy = project ? f.project.cout : C;
   const int64_t x_row = g.w * g.c, row_size = g.w * C;
-  std::vector<float> expanded;  // the staged expansion
+  // The depthwise convolution's input rows are x's, or computed from x's: the 1x1 expansion, or the prologue.
+  const bool computed = f.expand.w != nullptr || f.prologue.scale != nullptr;
+  auto compute_rows = [&](const float* x_rows, int64_t rows, float* out) {
+    if (f.expand.w != nullptr) Pointwise1x1(f.expand, x_rows, rows * g.w, nullptr, out);
+    else ApplyEpilogue(f.prologue, x_rows, out, rows * g.w, C);
+  };
+  std::vector<float> expanded;  // the staged computed rows
   const float* src = xd;        // the depthwise convolution's input rows, when not in a ring
-  if (f.expand.w != nullptr && g.n * g.ho < 2 * g.k * Pieces(pool)) {
+  if (computed && g.n * g.ho < 2 * g.k * Pieces(pool)) {
     expanded.resize(g.n * g.h * row_size);
     ParallelFor(pool, g.n * g.h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
-      Pointwise1x1(f.expand, xd + begin * x_row, (end - begin) * g.w, nullptr, expanded.data() + begin * row_size);
+      compute_rows(xd + begin * x_row, end - begin, expanded.data() + begin * row_size);
     });
     src = expanded.data();
   }
-  const bool expand = f.expand.w != nullptr && expanded.empty();  // in the ring
+  const bool expand = computed && expanded.empty();  // computed rows in the ring
   // Rows [lo, lo + K) are needed for one output row and a call adds up to batch_in rows past the first missing one.
   const int64_t batch_in = expand ? std::min(g.h, RowsPerCall(g.w)) : 0;
   const int64_t capacity = expand ? g.k + batch_in - 1 : 0;
@@ -430,7 +441,7 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
     auto expand_rows = [&](int64_t b, int64_t from, int64_t to) {  // input rows [from, to) of image b
       for (int64_t hi = from; hi < to;) {  // in at most two runs of consecutive slots
         const int64_t slot = hi % capacity, run = std::min(to - hi, capacity - slot);
-        Pointwise1x1(f.expand, xd + (b * g.h + hi) * x_row, run * g.w, nullptr, ring.data() + slot * row_size);
+        compute_rows(xd + (b * g.h + hi) * x_row, run, ring.data() + slot * row_size);
         for (int64_t t = 0; t < run; ++t) ring_row[slot + t] = b * g.h + hi + t;
         hi += run;
       }
@@ -639,22 +650,38 @@ inline void AddRowTap(const float* xrow, const float* grow, int64_t C, int64_t s
   Store<V>(total + ch, Load<V>(total + ch) + acc);
 }
 
-ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
-                               ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t padding) {
+// With a prologue (act(x * scale + shift), the previous layer's BN + activation), the kernel's input rows are
+// computed from x's into a per-thread ring of K rows as the output rows advance (slot hi % K holds row hi).
+ffi::Error DepthwiseKernelGradWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                                   ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t padding,
+                                   const Epilogue& prologue) {
   Geometry g;
   int64_t k = dw->dimensions()[0];
   if (auto e = MakeGeometry(x, k, stride, padding, &g); e.failure()) return e;
   const float* xd = x.typed_data();
   const float* gd = dy.typed_data();
-  const int64_t C = g.c, taps = g.k * g.k;
+  const int64_t C = g.c, taps = g.k * g.k, row_size = g.w * C;
+  const bool ring_rows = prologue.scale != nullptr;
   ParallelSum(pool, g.n * g.ho, taps * C, dw->typed_data(), [&](int64_t begin, int64_t end, float* total) {
+    std::vector<float> ring(ring_rows ? g.k * row_size : 0);
+    std::vector<int64_t> ring_row(ring_rows ? g.k : 0, -1);  // which (b * H + hi) each slot holds
+    auto input_row = [&](int64_t b, int64_t hi) -> const float* {
+      const float* x_row = xd + (b * g.h + hi) * row_size;
+      if (!ring_rows) return x_row;
+      float* slot = ring.data() + hi % g.k * row_size;
+      if (ring_row[hi % g.k] != b * g.h + hi) {
+        ApplyEpilogue(prologue, x_row, slot, g.w, C);
+        ring_row[hi % g.k] = b * g.h + hi;
+      }
+      return slot;
+    };
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.ho, r = row % g.ho;
       const float* grow = gd + row * g.wo * C;
       for (int64_t i = 0; i < g.k; ++i) {
         const int64_t hi = r * g.s + i - g.p;
         if (hi < 0 || hi >= g.h) continue;
-        const float* xrow = xd + (b * g.h + hi) * g.w * C;
+        const float* xrow = input_row(b, hi);
         for (int64_t j = 0; j < g.k; ++j) {
           const int64_t col0 = j - g.p;
           const auto [q_lo, q_hi] = InBoundsOutputs(col0, col0, g.s, g.w, g.wo);  // 0 <= q*S + j - P < W
@@ -672,6 +699,11 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
     }
   });
   return ffi::Error::Success();
+}
+
+ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                               ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t padding) {
+  return DepthwiseKernelGradWith(pool, x, dy, dw, stride, padding, Epilogue{});
 }
 
 // Dense convolution, few input channels. y[b, r, q, :] = sum_{i, j, c} x[b, r*S+i-P, q*S+j-P, c] * w[i, j, c, :].
@@ -1077,13 +1109,9 @@ ffi::Error BatchNormShape(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi:
   return ffi::Error::Success();
 }
 
-ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
-                               ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> y,
-                               ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var, float epsilon,
-                               int64_t activation) {
-  int64_t rows, width, C;
-  if (auto e = BatchNormShape(x, gamma, beta, activation, &rows, &width, &C); e.failure()) return e;
-  const float* xd = x.typed_data();
+// mean[c] and the biased variance var[c] of x (rows x width x C) over all but the channel axis.
+void BatchMoments(ffi::ThreadPool& pool, const float* xd, int64_t rows, int64_t width, int64_t C, float* md,
+                  float* vd) {
   const int64_t pieces = PiecesFor(pool, rows);
   std::vector<ChannelMoments> parts(pieces, ChannelMoments(C));
   const int64_t group = std::max<int64_t>(1, (16 << 10) / (width * C));  // rows per group: ~16k floats
@@ -1097,12 +1125,22 @@ ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   ChannelMoments total(C);
   for (const ChannelMoments& part : parts)
     if (part.count > 0) total.Merge(part.count, part.mean.data(), part.m2.data());
-  float* md = mean->typed_data();
-  float* vd = var->typed_data();
   for (int64_t c = 0; c < C; ++c) {
     md[c] = static_cast<float>(total.mean[c]);
     vd[c] = static_cast<float>(total.m2[c] / std::max(total.count, 1.0));
   }
+}
+
+ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                               ffi::Buffer<ffi::F32> beta, ffi::ResultBuffer<ffi::F32> y,
+                               ffi::ResultBuffer<ffi::F32> mean, ffi::ResultBuffer<ffi::F32> var, float epsilon,
+                               int64_t activation) {
+  int64_t rows, width, C;
+  if (auto e = BatchNormShape(x, gamma, beta, activation, &rows, &width, &C); e.failure()) return e;
+  const float* xd = x.typed_data();
+  float* md = mean->typed_data();
+  float* vd = var->typed_data();
+  BatchMoments(pool, xd, rows, width, C, md, vd);
   const FoldedAffine f(md, vd, gamma.typed_data(), beta.typed_data(), epsilon, C);
   const Epilogue epi{f.inv.data(), f.shift.data(), activation};
   float* yd = y->typed_data();
@@ -1111,6 +1149,7 @@ ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   });
   return ffi::Error::Success();
 }
+
 
 // act'(z) as PyTorch's backward kernels take it: ReLU passes where z > 0; Hardswish's slope is 0 for z <= -3,
 // z / 3 + 1/2 below 3, else 1.
@@ -1239,6 +1278,57 @@ ffi::Error BatchNormActBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   return ffi::Error::Success();
 }
 
+// Training, a BatchNorm (batch statistics) + activation followed by a depthwise conv: the statistics of x in one
+// pass, then the conv's kernels apply act(x * inv + shift) to each input row as they read it, so the BN's output
+// (an inverted residual's expanded map, the block's largest) is never written or read back. The backward pass
+// takes the input gradient with the plain kernel and the BN backward kernel on x.
+ffi::Error BatchNormStatistics(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> mean,
+                               ffi::ResultBuffer<ffi::F32> var) {
+  auto d = x.dimensions();
+  if (d.size() < 2) return ffi::Error::InvalidArgument("batch_norm: input must have a channel axis and a batch axis");
+  const int64_t C = d.back(), width = d[d.size() - 2];
+  BatchMoments(pool, x.typed_data(), x.element_count() / (width * C), width, C, mean->typed_data(), var->typed_data());
+  return ffi::Error::Success();
+}
+
+// The depthwise kernels' prologue from the BN's batch statistics, folded as the BN kernels fold them.
+ffi::Error MakePrologue(const ffi::Buffer<ffi::F32>& x, const ffi::Buffer<ffi::F32>& gamma,
+                        const ffi::Buffer<ffi::F32>& beta, const ffi::Buffer<ffi::F32>& mean,
+                        const ffi::Buffer<ffi::F32>& var, float epsilon, int64_t activation,
+                        std::unique_ptr<FoldedAffine>* folded, Epilogue* prologue) {
+  int64_t rows, width, C;
+  if (auto e = BatchNormShape(x, gamma, beta, activation, &rows, &width, &C); e.failure()) return e;
+  if (mean.element_count() != static_cast<size_t>(C) || var.element_count() != static_cast<size_t>(C))
+    return ffi::Error::InvalidArgument("batch_norm: mean and var need one value per channel");
+  *folded = std::make_unique<FoldedAffine>(mean.typed_data(), var.typed_data(), gamma.typed_data(),
+                                           beta.typed_data(), epsilon, C);
+  *prologue = {(*folded)->inv.data(), (*folded)->shift.data(), activation};
+  return ffi::Error::Success();
+}
+
+ffi::Error BnActDepthwiseForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                                 ffi::Buffer<ffi::F32> beta, ffi::Buffer<ffi::F32> mean, ffi::Buffer<ffi::F32> var,
+                                 ffi::Buffer<ffi::F32> w, ffi::ResultBuffer<ffi::F32> y, int64_t stride,
+                                 int64_t padding, float epsilon, int64_t activation) {
+  std::unique_ptr<FoldedAffine> folded;
+  Fused f;
+  if (auto e = MakePrologue(x, gamma, beta, mean, var, epsilon, activation, &folded, &f.prologue); e.failure())
+    return e;
+  return DepthwiseForwardWith(pool, x, w, y, stride, padding, f);
+}
+
+ffi::Error BnActDepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gamma,
+                                    ffi::Buffer<ffi::F32> beta, ffi::Buffer<ffi::F32> mean,
+                                    ffi::Buffer<ffi::F32> var, ffi::Buffer<ffi::F32> dy,
+                                    ffi::ResultBuffer<ffi::F32> dw, int64_t stride, int64_t padding, float epsilon,
+                                    int64_t activation) {
+  std::unique_ptr<FoldedAffine> folded;
+  Epilogue prologue;
+  if (auto e = MakePrologue(x, gamma, beta, mean, var, epsilon, activation, &folded, &prologue); e.failure())
+    return e;
+  return DepthwiseKernelGradWith(pool, x, dy, dw, stride, padding, prologue);
+}
+
 }  // namespace
 
 // Every kernel takes NHWC float32 buffers and the stride and symmetric padding as attributes.
@@ -1348,3 +1438,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBatchNormActBackward, BatchNormActBackwar
                                   .Ret<ffi::Buffer<ffi::F32>>()  // dbeta
                                   .Attr<float>("epsilon")
                                   .Attr<int64_t>("activation"));
+// BN (batch statistics) + activation into a depthwise conv: x, gamma, beta, mean, var, then w or dy.
+static auto BnActDepthwiseArgs() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()   // x, the BN's input
+      .Arg<ffi::Buffer<ffi::F32>>()   // gamma
+      .Arg<ffi::Buffer<ffi::F32>>()   // beta
+      .Arg<ffi::Buffer<ffi::F32>>()   // batch mean
+      .Arg<ffi::Buffer<ffi::F32>>()   // batch variance (biased)
+      .Arg<ffi::Buffer<ffi::F32>>()   // w (K, K, C), or dy (the gradient of the conv's output)
+      .Ret<ffi::Buffer<ffi::F32>>()   // y, or dw
+      .Attr<int64_t>("stride")
+      .Attr<int64_t>("padding")
+      .Attr<float>("epsilon")
+      .Attr<int64_t>("activation");
+}
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBnActDepthwiseForward, BnActDepthwiseForward, BnActDepthwiseArgs());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBnActDepthwiseKernelGrad, BnActDepthwiseKernelGrad, BnActDepthwiseArgs());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBatchNormStatistics, BatchNormStatistics,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (..., W, C)
+                                  .Ret<ffi::Buffer<ffi::F32>>()  // batch mean
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // batch variance (biased)

@@ -50,6 +50,9 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_se_project_forward": "ResmobileSeProjectForward",
     "resmobile_batch_norm_act_forward": "ResmobileBatchNormActForward",
     "resmobile_batch_norm_act_backward": "ResmobileBatchNormActBackward",
+    "resmobile_batch_norm_statistics": "ResmobileBatchNormStatistics",
+    "resmobile_bn_act_depthwise_forward": "ResmobileBnActDepthwiseForward",
+    "resmobile_bn_act_depthwise_kernel_grad": "ResmobileBnActDepthwiseKernelGrad",
 }
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
@@ -333,3 +336,51 @@ def _bn_bwd(epsilon, activation, residuals, cotangents):
 
 
 _batch_norm_act.defvjp(_bn_fwd, _bn_bwd)
+
+
+def batch_norm_act_depthwise(x, gamma, beta, epsilon: float, activation: str, w, stride: int, padding: int):
+    """depthwise_conv(act(BN(x)), w) with batch statistics, x (N, H, W, C) float32, w (K, K, 1, C): (output, batch
+    mean, biased batch variance), as batch_norm_act then depthwise_conv compute them. The depthwise kernels apply
+    the BN + activation to each input row as they read it (forward and kernel gradient), so act(BN(x)) is never
+    written. Differentiable in x, gamma, beta and w; the statistics are for the running averages (no gradient)."""
+    require()
+    f32 = jnp.float32
+    return _bn_act_depthwise(x.astype(f32), gamma.astype(f32), beta.astype(f32), w.astype(f32), float(epsilon),
+                             activation, stride, padding)
+
+
+def _bn_act_depthwise_forward(x, gamma, beta, w, epsilon, activation, stride, padding):
+    c = x.shape[-1]
+    k = w.shape[0]
+    mean, var = _call("resmobile_batch_norm_statistics", [(c,), (c,)], x)
+    ho, wo = _output_hw(x.shape, k, stride, padding)
+    y = _call("resmobile_bn_act_depthwise_forward", (x.shape[0], ho, wo, c), x, gamma, beta, mean, var,
+              w.reshape(k, k, c), stride=stride, padding=padding, epsilon=epsilon,
+              activation=ACTIVATION_CODES[activation])
+    return y, mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _bn_act_depthwise(x, gamma, beta, w, epsilon, activation, stride, padding):
+    return _bn_act_depthwise_forward(x, gamma, beta, w, epsilon, activation, stride, padding)
+
+
+def _bn_act_depthwise_fwd(x, gamma, beta, w, epsilon, activation, stride, padding):
+    y, mean, var = _bn_act_depthwise_forward(x, gamma, beta, w, epsilon, activation, stride, padding)
+    return (y, mean, var), (x, gamma, beta, w, mean, var)
+
+
+def _bn_act_depthwise_bwd(epsilon, activation, stride, padding, residuals, cotangents):
+    g = cotangents[0].astype(jnp.float32)  # the statistics' cotangents are ignored, as in _bn_bwd
+    x, gamma, beta, w, mean, var = residuals
+    k, c = w.shape[0], x.shape[-1]
+    code = ACTIVATION_CODES[activation]
+    dw = _call("resmobile_bn_act_depthwise_kernel_grad", (k, k, c), x, gamma, beta, mean, var, g, stride=stride,
+               padding=padding, epsilon=epsilon, activation=code)
+    dy = _call("resmobile_depthwise_input_grad", x.shape, g, w.reshape(k, k, c), x, stride=stride, padding=padding)
+    dx, dgamma, dbeta = _call("resmobile_batch_norm_act_backward", [x.shape, gamma.shape, gamma.shape], x, dy,
+                              gamma, beta, mean, var, epsilon=epsilon, activation=code)
+    return dx, dgamma, dbeta, dw.reshape(w.shape)
+
+
+_bn_act_depthwise.defvjp(_bn_act_depthwise_fwd, _bn_act_depthwise_bwd)

@@ -1,5 +1,6 @@
 """cli.run: the entry points re-execute themselves once with the glibc malloc tunables, keeping argv and the user's
-own tunables, and not at all when opted out; they add the project's XLA:CPU flags to XLA_FLAGS the same way."""
+own tunables, and not at all when opted out (then XLA:CPU's async dispatch stays on too); they add the project's
+XLA:CPU flags to XLA_FLAGS the same way."""
 
 import os
 import platform
@@ -24,6 +25,8 @@ def main(argv):
     print(os.getpid(), repr(os.environ.get("GLIBC_TUNABLES")), flags.FLAGS.n, argv[1:], sep="|")
     print(heap_growth_from_a_256mb_malloc())
     print(repr(os.environ.get("XLA_FLAGS")), matmul_runs_on_ynnpack(), sep="|")
+    import jax
+    print(jax.config.values["jax_cpu_enable_async_dispatch"])
 def matmul_runs_on_ynnpack():
     # What XLA did with the flags: the compiled program names the library each dot runs on.
     import jax, jax.numpy as jnp
@@ -55,11 +58,13 @@ def run_program(tmp_path, env_overrides, *args):
     proc = subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE, text=True)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out
-    pid, tunables, n, argv = out.strip().splitlines()[-3].split("|")
-    heap_malloc = out.strip().splitlines()[-2]
-    xla_flags, ynn = out.strip().splitlines()[-1].split("|")
+    lines = out.strip().splitlines()
+    pid, tunables, n, argv = lines[-4].split("|")
+    heap_malloc = lines[-3]
+    xla_flags, ynn = lines[-2].split("|")
     return {"same_pid": int(pid) == proc.pid, "tunables": eval(tunables), "n": int(n), "argv": argv,
-            "heap_malloc": heap_malloc == "True", "xla_flags": eval(xla_flags), "ynn_dots": ynn == "True"}
+            "heap_malloc": heap_malloc == "True", "xla_flags": eval(xla_flags), "ynn_dots": ynn == "True",
+            "async_dispatch": lines[-1] == "True"}
 
 
 @glibc_only
@@ -69,6 +74,7 @@ def test_entry_point_reexecutes_once_with_the_tunables_and_the_same_arguments(tm
     assert r["heap_malloc"]  # set before exec, so glibc read them at start-up
     assert r["same_pid"]  # execve replaces the process: the caller's pid and pipes stay valid
     assert r["n"] == 7 and r["argv"] == "['positional']"
+    assert not r["async_dispatch"]  # computations run inline: their temporaries come from the main malloc arena
 
 
 @glibc_only
@@ -83,7 +89,7 @@ def test_user_tunables_are_kept_and_only_missing_ones_added(tmp_path):
 @glibc_only
 def test_opt_out_and_already_tuned_environments_run_unchanged(tmp_path):
     r = run_program(tmp_path, {"RESMOBILE_MALLOC": "default"})
-    assert r["tunables"] is None
+    assert r["tunables"] is None and r["async_dispatch"]
     assert not r["heap_malloc"]  # glibc's default: a big block is a fresh mmap, page-faulted in on every use
     assert cli.malloc_tunables_env({"GLIBC_TUNABLES": OURS}) is None
     assert cli.malloc_tunables_env({cli._REEXEC_MARK: "1"}) is None  # never a second re-exec, whatever glibc did

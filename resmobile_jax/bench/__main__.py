@@ -5,7 +5,7 @@
 
 For each variant and image size: batch-1 latency, batch throughput, train-step images/s, compile times, peak memory
 and achieved FLOP/s, for this project's JAX model and for the torchvision-built reference (eager, channels_last; and
-torch.compile with --torch_compile). Then the input pipeline alone (is training input-bound at the default settings?)
+torch.compile with --torch_compile), their calls interleaved. Then the input pipeline alone (is training input-bound at the default settings?)
 and exact kNN over a 100k gallery. Prints a Markdown report; --json writes one record per (variant, size, measurement)
 with `speedup` = how many times faster JAX is (above 1: JAX wins).
 """
@@ -17,6 +17,8 @@ import os
 import platform
 import sys
 from pathlib import Path
+
+import numpy as np
 
 from absl import flags
 
@@ -54,54 +56,80 @@ def record(variant, size, measurement, unit, jax_value, torch_value, compiled_va
 
 
 def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict]:
+    """Both frameworks set up first (compiles, first calls, peak RSS of the training setup), then each measurement
+    timed with the frameworks' calls interleaved (timing.interleaved_timing): on this shared machine the speed
+    drifts 20-40% over minutes, and timing one framework after the other turned that drift into the ratio."""
     from resmobile_jax.bench import jax_side, torch_side
+    from resmobile_jax.bench.system import PeakRSS
     from resmobile_jax.profile import profile_model
+    from resmobile_jax.timing import interleaved_timing, per_image
 
     config = jax_side.bench_config(variant, size, dtype, FLAGS.depthwise_impl)
     b, tb = FLAGS.batch, FLAGS.train_batch
-    print(f"[{variant} {size}px] JAX inference ...", flush=True)
-    ji = jax_side.inference(config, (1, b), FLAGS.budget)
-    print(f"[{variant} {size}px] JAX train step ...", flush=True)
-    jt = jax_side.train(config, tb, FLAGS.budget)
-    print(f"[{variant} {size}px] PyTorch eager ...", flush=True)
-    ti = torch_side.inference(variant, size, (1, b), dtype, FLAGS.budget)
-    tt = torch_side.train(variant, size, tb, config, dtype, FLAGS.budget)
-    ci = ct = None
+    inference, train, rss, first_seconds = {}, {}, {}, {}
+    print(f"[{variant} {size}px] JAX: compiling ...", flush=True)
+    inference["jax"] = jax_side.inference_calls(config, (1, b))
+    with PeakRSS() as mem:
+        train["jax"], first_seconds["jax"] = jax_side.train_step_call(config, tb)
+        train["jax"]()
+    rss["jax"] = mem.megabytes
+    print(f"[{variant} {size}px] PyTorch eager: first calls ...", flush=True)
+    inference["pytorch"] = torch_side.inference_calls(variant, size, (1, b), dtype)
+    train["pytorch"], first_seconds["pytorch"], rss["pytorch"] = _torch_train(variant, size, tb, config, dtype, False)
     if FLAGS.torch_compile:
-        print(f"[{variant} {size}px] torch.compile ...", flush=True)
-        ci, ct = _try(lambda: torch_side.inference(variant, size, (1, b), dtype, FLAGS.budget, compile_model=True)), \
-            _try(lambda: torch_side.train(variant, size, tb, config, dtype, FLAGS.budget, compile_model=True))
+        print(f"[{variant} {size}px] torch.compile: compiling ...", flush=True)
+        made = _try(lambda: (torch_side.inference_calls(variant, size, (1, b), dtype, compile_model=True),
+                             _torch_train(variant, size, tb, config, dtype, True)))
+        if not isinstance(made, dict):  # else it failed, and said why
+            inference["torch_compile"], (train["torch_compile"], first_seconds["torch_compile"],
+                                         rss["torch_compile"]) = made
+    frameworks = list(train)
+    print(f"[{variant} {size}px] timing {', '.join(frameworks)}, interleaved ...", flush=True)
+    budget = FLAGS.budget * len(frameworks)
+    timed = {}
+    for bs in (1, b):
+        t = interleaved_timing({n: inference[n][bs][0] for n in frameworks}, min_rounds=5, max_rounds=50 * len(frameworks),
+                               budget_seconds=budget)
+        timed[f"batch_{bs}"] = {n: per_image({"first_call_seconds": inference[n][bs][1], **t[n]}, bs) for n in frameworks}
+    t = interleaved_timing({n: train[n] for n in frameworks}, min_rounds=3, max_rounds=30, budget_seconds=budget)
+    timed["train"] = {n: {**per_image(t[n], tb), "first_call_seconds": first_seconds[n], "peak_rss_mb": rss[n]}
+                      for n in frameworks}
+    timed["train"]["jax"]["finite_loss"] = bool(np.isfinite(float(train["jax"]()["loss"])))
+    timed["train"]["pytorch"]["finite_loss"] = torch_side.loss_is_finite(train["pytorch"]())
     macs = profile_model(config.model.to_dict(), size, xla_flops=False, checkpoint_size=False)["total"]["macs"]
     gflop_inf, gflop_train = 2 * macs / 1e9, 6 * macs / 1e9  # per image; backward ~2x forward
 
-    def get(r, *keys):
-        for k in keys:
-            if r is None or k not in r or r[k] is None:
-                return None
-            r = r[k]
-        return r
+    def values(key, field, scale=1.0):
+        """(JAX, PyTorch eager, torch.compile or None) of one field."""
+        got = [timed[key].get(n, {}).get(field) for n in ("jax", "pytorch", "torch_compile")]
+        return [None if v is None else v * scale for v in got]
 
     bk = f"batch_{b}"
+    jax_compile = values("train", "first_call_seconds")[0]
     rows = [
-        record(variant, size, "inference latency, batch 1 (median)", "ms", get(ji, "batch_1", "median_ms"),
-               get(ti, "batch_1", "median_ms"), get(ci, "batch_1", "median_ms")),
-        record(variant, size, f"inference throughput, batch {b}", "img/s", get(ji, bk, "images_per_second"),
-               get(ti, bk, "images_per_second"), get(ci, bk, "images_per_second")),
-        record(variant, size, f"training throughput, batch {tb}", "img/s", jt["images_per_second"],
-               tt["images_per_second"], get(ct, "images_per_second")),
-        record(variant, size, "train step compile", "s", jt["compile_seconds"], None, get(ct, "compile_seconds")),
-        record(variant, size, "inference compile, batch 1", "s", get(ji, "batch_1", "compile_seconds"), None,
-               get(ci, "batch_1", "compile_seconds")),
-        record(variant, size, "peak RSS growth, training (setup, compile, steps)", "MB", jt["peak_rss_mb"], tt["peak_rss_mb"],
-               get(ct, "peak_rss_mb")),
-        record(variant, size, f"achieved GFLOP/s, inference batch {b}", "GFLOP/s", gflop_inf * get(ji, bk, "images_per_second"),
-               gflop_inf * get(ti, bk, "images_per_second"), None),
-        record(variant, size, "achieved GFLOP/s, training", "GFLOP/s", gflop_train * jt["images_per_second"],
-               gflop_train * tt["images_per_second"], None),
+        record(variant, size, "inference latency, batch 1 (median)", "ms", *values("batch_1", "median_ms")),
+        record(variant, size, f"inference throughput, batch {b}", "img/s", *values(bk, "images_per_second")),
+        record(variant, size, f"training throughput, batch {tb}", "img/s", *values("train", "images_per_second")),
+        record(variant, size, "train step compile", "s", jax_compile, None, values("train", "first_call_seconds")[2]),
+        record(variant, size, "inference compile, batch 1", "s", values("batch_1", "first_call_seconds")[0], None,
+               values("batch_1", "first_call_seconds")[2]),
+        record(variant, size, "peak RSS growth, training (setup, compile, first step)", "MB", *values("train", "peak_rss_mb")),
+        record(variant, size, f"achieved GFLOP/s, inference batch {b}", "GFLOP/s",
+               *values(bk, "images_per_second", gflop_inf)[:2], None),
+        record(variant, size, "achieved GFLOP/s, training", "GFLOP/s", *values("train", "images_per_second", gflop_train)[:2],
+               None),
     ]
-    detail = {"jax_inference": ji, "jax_train": jt, "torch_inference": ti, "torch_train": tt,
-              "torch_compile_inference": ci, "torch_compile_train": ct, "macs_per_image": macs}
-    return rows, detail
+    return rows, {**timed, "macs_per_image": macs}
+
+
+def _torch_train(variant, size, batch, config, dtype, compiled):
+    """(call, first call's seconds, peak RSS growth of the setup and first call in MB)."""
+    from resmobile_jax.bench import torch_side
+    from resmobile_jax.bench.system import PeakRSS
+
+    with PeakRSS() as mem:
+        call, first = torch_side.train_call(variant, size, batch, config, dtype, compile_model=compiled)
+    return call, first, mem.megabytes
 
 
 def _try(fn):
@@ -149,7 +177,8 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
         f"torch {env['torch']} ({env['torch_threads']} threads); XLA_FLAGS='{env['xla_flags']}'",
         f"- malloc (the same for both frameworks, one process): GLIBC_TUNABLES='{env['glibc_tunables']}'",
         "- speedup = how many times faster (or smaller) JAX is; above 1 means JAX wins. Medians of repeated calls "
-        "after warm-up; both frameworks get the same uint8 images and normalize them inside the timed call.", "",
+        "after warm-up, the frameworks' calls interleaved (JAX, PyTorch, then PyTorch, JAX, ...) so that the "
+        "machine's drift hits both alike; both get the same uint8 images and normalize them inside the timed call.", "",
         head, "|" + "---|" * (head.count("|") - 1),
     ]
     for r in rows:

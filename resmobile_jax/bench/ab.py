@@ -12,13 +12,12 @@ within one process (compare those with two `bench` runs).
 from __future__ import annotations
 
 import ast
-import time
 
-import jax
 import numpy as np
 from absl import flags
 
 from resmobile_jax import cli
+from resmobile_jax.timing import interleaved_times
 
 FLAGS = flags.FLAGS
 
@@ -42,20 +41,13 @@ def _config(variant: str, size: int, option: str, value):
 
 def eval_call(config, batch: int):
     """A function running one embed call (compiled here) to completion."""
-    from resmobile_jax import parallel
-    from resmobile_jax.embed import make_embed_fn
     from resmobile_jax.models import build_model
-    from resmobile_jax.train.state import split_model
+    from resmobile_jax.timing import embed_calls
 
     model = build_model(config.model)
     model.eval()
-    graphdef, params, batch_stats = split_model(model)
     size = int(config.model.input_size)
-    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
-    embed = make_embed_fn(graphdef, jax.numpy.dtype(config.model.dtype), parallel.data_mesh())
-    bound = embed.bind(params, batch_stats)
-    compiled = bound.jitted.lower(bound.leaves, images).compile()
-    return lambda: jax.block_until_ready(compiled(bound.leaves, images))
+    return embed_calls(model, (size, size), (batch,), config.model.dtype)[batch][0]
 
 
 def train_call(config, batch: int):
@@ -63,23 +55,6 @@ def train_call(config, batch: int):
     from resmobile_jax.bench.jax_side import train_step_call
 
     return train_step_call(config, batch)[0]
-
-
-def interleaved_medians(calls: dict, rounds: int, per_round: int, warmup: int = 2) -> dict[str, list[float]]:
-    """{name: times in ms}: every call warmed up, then `rounds` rounds of `per_round` calls of each, the order
-    reversed every other round so neither setting always runs first."""
-    for call in calls.values():
-        for _ in range(warmup):
-            call()
-    names = list(calls)
-    times = {name: [] for name in names}
-    for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
-            for _ in range(per_round):
-                t = time.perf_counter()
-                calls[name]()
-                times[name].append((time.perf_counter() - t) * 1e3)
-    return times
 
 
 def report(option: str, times: dict[str, list[float]], title: str) -> str:
@@ -103,7 +78,7 @@ def main(argv):
         config = _config(FLAGS.variant, FLAGS.size, FLAGS.option, parse_value(text))
         print(f"compiling {FLAGS.option}={text} ...", flush=True)
         calls[text] = make(config, FLAGS.batch)
-    times = interleaved_medians(calls, FLAGS.rounds, FLAGS.calls)
+    times = interleaved_times(calls, min_rounds=FLAGS.rounds, max_rounds=FLAGS.rounds, per_round=FLAGS.calls, warmup=2)
     print(report(FLAGS.option, times, f"{FLAGS.variant}, {FLAGS.size} px, batch {FLAGS.batch}, {FLAGS.mode}, "
                                       f"float32, {FLAGS.rounds} interleaved rounds"))
 

@@ -11,7 +11,7 @@ from resmobile_jax import parallel
 from resmobile_jax.bench.system import PeakRSS
 from resmobile_jax.losses import get_loss
 from resmobile_jax.models import build_model
-from resmobile_jax.timing import compile_jitted, inference_timing, repeat_timing
+from resmobile_jax.timing import compile_jitted, embed_calls, repeat_timing
 from resmobile_jax.train.state import create_train_state, make_optimizers, split_model
 from resmobile_jax.train.step import make_train_step
 
@@ -34,14 +34,12 @@ def synthetic_batch(batch: int, size: int, seed: int = 0) -> dict[str, np.ndarra
             "label": (np.arange(batch) % NUM_CLASSES).astype(np.int32)}
 
 
-def inference(config, batch_sizes, budget_seconds: float) -> dict:
+def inference_calls(config, batch_sizes) -> dict:
+    """{batch size: (call, compile seconds)} of the embedding function evaluation runs (timing.embed_calls)."""
     model = build_model(config.model, config.seed)
     model.eval()
     size = int(config.model.input_size)
-    with PeakRSS() as mem:
-        out = inference_timing(model, (size, size), batch_sizes, config.model.dtype, budget_seconds=budget_seconds)
-    out["peak_rss_mb"] = mem.megabytes
-    return out
+    return embed_calls(model, (size, size), batch_sizes, config.model.dtype)
 
 
 def train_setup(config, batch: int):

@@ -14,10 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from resmobile_jax.bench.jax_side import NUM_CLASSES, synthetic_batch
-from resmobile_jax.bench.system import PeakRSS
 from resmobile_jax.convert.torch_reference import build_reference
 from resmobile_jax.data.preprocess import IMAGENET_MEAN, IMAGENET_STD
-from resmobile_jax.timing import repeat_timing
 
 
 def _device() -> torch.device:
@@ -54,78 +52,72 @@ def _timed_first_call(call) -> float:
     """Seconds of the first call: torch.compile's compile time (eager: one ordinary call)."""
     t = time.perf_counter()
     call()
-    return time.perf_counter() - t
+    return round(time.perf_counter() - t, 2)
 
 
-def inference(variant, size, batch_sizes, dtype: str, budget_seconds: float, compile_model: bool = False) -> dict:
+def inference_calls(variant, size, batch_sizes, dtype: str, compile_model: bool = False) -> dict:
+    """{batch size: (call, first call's seconds)}: call() embeds a batch of uint8 images (normalization included)
+    and returns when done; the first call (torch.compile's compile) is made here."""
     device = _device()
     normalize = _Normalize(device)
     model = build_reference(variant).to(device).to(memory_format=torch.channels_last).eval()
     fn = _maybe_compile(model, compile_model)
-    out = {"device": str(device), "threads": torch.get_num_threads(), "compiled": compile_model}
     rng = np.random.default_rng(0)
-    with PeakRSS() as mem:
-        for b in batch_sizes:
-            images = torch.from_numpy(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)).to(device)
+    calls = {}
+    for b in batch_sizes:
+        images = torch.from_numpy(rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8)).to(device)
 
-            def call():
-                with torch.inference_mode(), _autocast(device, dtype):
-                    fn(normalize(images))
-                _sync(device)
+        def call(images=images):
+            with torch.inference_mode(), _autocast(device, dtype):
+                fn(normalize(images))
+            _sync(device)
 
-            first = _timed_first_call(call)
-            r = repeat_timing(call, budget_seconds=budget_seconds)
-            r["compile_seconds"] = round(first, 2) if compile_model else None
-            r["ms_per_image"] = r["median_ms"] / b
-            r["images_per_second"] = 1e3 * b / r["median_ms"]
-            out[f"batch_{b}"] = r
-    out["peak_rss_mb"] = mem.megabytes
-    return out
+        calls[b] = (call, _timed_first_call(call))
+    return calls
 
 
-def train(variant, size, batch, config, dtype: str, budget_seconds: float, compile_model: bool = False) -> dict:
-    """Images/s of one optimizer step; hyperparameters from the JAX side's config so both do the same arithmetic."""
+def train_call(variant, size, batch, config, dtype: str, compile_model: bool = False):
+    """(call, first call's seconds): call() runs one optimizer step and returns its loss; hyperparameters from the
+    JAX side's config so both do the same arithmetic."""
     device = _device()
     opt = config.optimizer
     normalize = _Normalize(device)
-    with PeakRSS() as mem:
-        model = build_reference(variant, int(config.model.embedding_dim)).to(device).to(memory_format=torch.channels_last).train()
-        proxies = torch.nn.Parameter(torch.randn(NUM_CLASSES, int(config.model.embedding_dim), device=device)
-                                     * math.sqrt(2.0 / NUM_CLASSES))
-        params = list(model.parameters())
-        decay = [p for p in params if p.ndim > 1]
-        no_decay = [p for p in params if p.ndim <= 1]
-        lr = float(opt.learning_rate)
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(opt.weight_decay)},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(opt.b1, opt.b2))
-        proxy_optimizer = torch.optim.AdamW([proxies], lr=lr * float(opt.loss_lr_multiplier), weight_decay=0.0)
-        ema = [p.detach().clone() for p in params]
-        ema_decay = float(opt.ema_decay)
-        forward = _maybe_compile(model, compile_model)
-        data = synthetic_batch(batch, size)  # the arrays the JAX train step gets
-        images = torch.from_numpy(data["image"]).to(device)
-        labels = torch.from_numpy(data["label"].astype(np.int64)).to(device)
-        last = {}
+    model = build_reference(variant, int(config.model.embedding_dim)).to(device).to(memory_format=torch.channels_last).train()
+    proxies = torch.nn.Parameter(torch.randn(NUM_CLASSES, int(config.model.embedding_dim), device=device)
+                                 * math.sqrt(2.0 / NUM_CLASSES))
+    params = list(model.parameters())
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    lr = float(opt.learning_rate)
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": float(opt.weight_decay)},
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(opt.b1, opt.b2))
+    proxy_optimizer = torch.optim.AdamW([proxies], lr=lr * float(opt.loss_lr_multiplier), weight_decay=0.0)
+    ema = [p.detach().clone() for p in params]
+    ema_decay = float(opt.ema_decay)
+    forward = _maybe_compile(model, compile_model)
+    data = synthetic_batch(batch, size)  # the arrays the JAX train step gets
+    images = torch.from_numpy(data["image"]).to(device)
+    labels = torch.from_numpy(data["label"].astype(np.int64)).to(device)
 
-        def call():
-            with _autocast(device, dtype):
-                emb = forward(normalize(images))
-                logits = F.normalize(emb.float(), dim=-1) @ F.normalize(proxies, dim=-1).T / 0.05
-                loss = F.cross_entropy(logits, labels)
-            optimizer.zero_grad(set_to_none=True)
-            proxy_optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, float(opt.grad_clip_norm))
-            torch.nn.utils.clip_grad_norm_([proxies], float(opt.grad_clip_norm))
-            optimizer.step()
-            proxy_optimizer.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, params, 1.0 - ema_decay)
-            _sync(device)
-            last["loss"] = loss
+    def call():
+        with _autocast(device, dtype):
+            emb = forward(normalize(images))
+            logits = F.normalize(emb.float(), dim=-1) @ F.normalize(proxies, dim=-1).T / 0.05
+            loss = F.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        proxy_optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, float(opt.grad_clip_norm))
+        torch.nn.utils.clip_grad_norm_([proxies], float(opt.grad_clip_norm))
+        optimizer.step()
+        proxy_optimizer.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, params, 1.0 - ema_decay)
+        _sync(device)
+        return loss
 
-        first = _timed_first_call(call)
-        r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
-    return {**r, "compile_seconds": round(first, 2) if compile_model else None,
-            "images_per_second": 1e3 * batch / r["median_ms"], "peak_rss_mb": mem.megabytes,
-            "finite_loss": bool(torch.isfinite(last["loss"]).item()), "threads": torch.get_num_threads()}
+    return call, _timed_first_call(call)
+
+
+def loss_is_finite(loss) -> bool:
+    return bool(torch.isfinite(loss).item())

@@ -4,6 +4,7 @@ end-to-end run whose JSON records are checked against the Markdown it prints."""
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -56,7 +57,8 @@ def test_knn_throughput_extrapolates_to_the_whole_gallery():
 
 @pytest.mark.slow
 def test_bench_command_end_to_end(tmp_path):
-    """V1 at 32 px, short budgets: both frameworks measured, every record consistent with the Markdown table."""
+    """V1 at 32 px, short budgets: both frameworks measured in alternation, every record consistent with the Markdown
+    table."""
     out = subprocess.run([sys.executable, "-m", "resmobile_jax.bench", "--variants", "v1", "--sizes", "32", "--budget", "0.2",
                           "--batch", "8", "--train_batch", "8", "--nopipeline", "--knn_gallery", "2000", "--knn_queries", "500",
                           "--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.md")],
@@ -68,7 +70,10 @@ def test_bench_command_end_to_end(tmp_path):
     lat, train = rows["inference latency, batch 1 (median)"], rows["training throughput, batch 8"]
     assert lat["jax"] > 0 and lat["pytorch"] > 0 and lat["speedup"] == pytest.approx(lat["pytorch"] / lat["jax"])
     assert train["speedup"] == pytest.approx(train["jax"] / train["pytorch"])
-    assert data["details"]["v1_32"]["jax_train"]["finite_loss"] and data["details"]["v1_32"]["torch_train"]["finite_loss"]
+    detail = data["details"]["v1_32"]
+    assert detail["train"]["jax"]["finite_loss"] and detail["train"]["pytorch"]["finite_loss"]
+    for key in ("batch_1", "batch_8", "train"):  # interleaved: the same number of timed calls for both
+        assert detail[key]["jax"]["repeats"] == detail[key]["pytorch"]["repeats"] >= 3
     assert f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:.1f}" in md or \
         f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:,.0f}" in md
     assert "2,000 x 512 gallery" in md and data["environment"]["jax"] in md
@@ -115,14 +120,20 @@ def test_op_table_reads_the_ops_of_a_real_trace(tmp_path):
         trace_ops.op_times(str(tmp_path / "empty"), steps=1)
 
 
-def test_ab_interleaves_the_two_settings_and_reports_their_ratio():
-    from resmobile_jax.bench.ab import interleaved_medians, parse_value, report
+def test_interleaved_timing_alternates_the_calls_and_the_ab_report_gives_their_ratio():
+    from resmobile_jax.bench.ab import parse_value, report
+    from resmobile_jax.timing import interleaved_times, interleaved_timing
 
     order = []
     calls = {"A": lambda: order.append("A"), "B": lambda: order.append("B")}
-    times = interleaved_medians(calls, rounds=3, per_round=2, warmup=1)
+    times = interleaved_times(calls, min_rounds=3, max_rounds=3, per_round=2, warmup=1)
     assert order == ["A", "B"] + ["A", "A", "B", "B", "B", "B", "A", "A", "A", "A", "B", "B"]  # warm-up, then alternating
     assert len(times["A"]) == len(times["B"]) == 6
+    # with a budget: rounds go on until it is spent, the same count for every call
+    slow = {"A": lambda: time.sleep(0.01), "B": lambda: time.sleep(0.02)}
+    stats = interleaved_timing(slow, min_rounds=2, max_rounds=100, budget_seconds=0.3, warmup=0)
+    assert 2 <= stats["A"]["repeats"] == stats["B"]["repeats"] < 20
+    assert stats["B"]["median_ms"] > stats["A"]["median_ms"] >= 10.0
     table = report("opt", {"A": [2.0, 2.0], "B": [1.0, 1.0]}, "title")
     assert "| B | 1.00 | 1.00-1.00 | 2 | 0.500x |" in table
     assert parse_value("True") is True and parse_value("shifted") == "shifted" and parse_value("3") == 3

@@ -33,11 +33,12 @@ def repeat_timing(call, *, min_repeats: int = 5, max_repeats: int = 50, budget_s
 
 
 def interleaved_times(calls: dict, *, min_rounds: int, max_rounds: int, budget_seconds: float = float("inf"),
-                      per_round: int = 1, warmup: int = 1) -> dict[str, list[float]]:
+                      per_round: int = 1, warmup: int = 1, untimed_per_round: int = 0) -> dict[str, list[float]]:
     """{name: times in ms} of several calls timed in alternation: each warmed up, then rounds of `per_round` calls of
     each, the order reversed every other round, until `max_rounds` or the budget (never fewer than `min_rounds`).
     On a shared machine whose speed drifts by 20-40% over minutes, alternation makes the drift hit every call alike,
-    so their ratio holds where separate runs of each do not."""
+    so their ratio holds where separate runs of each do not. `untimed_per_round` calls start each block untimed,
+    for warm-cache figures: the other call has just evicted this one's weights from the caches."""
     for call in calls.values():
         for _ in range(warmup):
             call()
@@ -47,6 +48,8 @@ def interleaved_times(calls: dict, *, min_rounds: int, max_rounds: int, budget_s
     r = 0
     while r < max_rounds and (r < min_rounds or time.perf_counter() - started < budget_seconds):
         for name in names if r % 2 == 0 else names[::-1]:
+            for _ in range(untimed_per_round):
+                calls[name]()
             for _ in range(per_round):
                 t = time.perf_counter()
                 calls[name]()

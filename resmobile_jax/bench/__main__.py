@@ -87,9 +87,9 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
     print(f"[{variant} {size}px] timing {', '.join(frameworks)}, interleaved ...", flush=True)
     budget = FLAGS.budget * len(frameworks)
     timed = {}
-    for bs in (1, b):
-        t = interleaved_timing({n: inference[n][bs][0] for n in frameworks}, min_rounds=5, max_rounds=50 * len(frameworks),
-                               budget_seconds=budget)
+    for bs in (1, b):  # blocks of calls, each block's first call untimed: warm caches, as repeated calls have them
+        t = interleaved_timing({n: inference[n][bs][0] for n in frameworks}, min_rounds=3, max_rounds=20,
+                               budget_seconds=budget, per_round=5 if bs == 1 else 3, untimed_per_round=1)
         timed[f"batch_{bs}"] = {n: per_image({"first_call_seconds": inference[n][bs][1], **t[n]}, bs) for n in frameworks}
     t = interleaved_timing({n: train[n] for n in frameworks}, min_rounds=3, max_rounds=30, budget_seconds=budget)
     timed["train"] = {n: {**per_image(t[n], tb), "first_call_seconds": first_seconds[n], "peak_rss_mb": rss[n]}

@@ -129,6 +129,9 @@ def test_interleaved_timing_alternates_the_calls_and_the_ab_report_gives_their_r
     times = interleaved_times(calls, min_rounds=3, max_rounds=3, per_round=2, warmup=1)
     assert order == ["A", "B"] + ["A", "A", "B", "B", "B", "B", "A", "A", "A", "A", "B", "B"]  # warm-up, then alternating
     assert len(times["A"]) == len(times["B"]) == 6
+    order.clear()
+    interleaved_times(calls, min_rounds=2, max_rounds=2, per_round=2, warmup=0, untimed_per_round=1)
+    assert order == ["A"] * 3 + ["B"] * 6 + ["A"] * 3  # each block starts with an untimed call
     # with a budget: rounds go on until it is spent, the same count for every call
     slow = {"A": lambda: time.sleep(0.01), "B": lambda: time.sleep(0.02)}
     stats = interleaved_timing(slow, min_rounds=2, max_rounds=100, budget_seconds=0.3, warmup=0)

@@ -16,7 +16,7 @@ from absl import flags
 from flax import nnx
 
 from resmobile_jax import cli
-from resmobile_jax.bench.trace_ops import op_table
+from resmobile_jax.bench.trace_ops import custom_call_targets, op_table
 from resmobile_jax.models import build_model
 from resmobile_jax.models.resmobilenet import PARTS
 from resmobile_jax.timing import repeat_timing, time_jitted
@@ -108,14 +108,16 @@ def trace_train_steps(variant: str, size: int, batch: int, directory: str) -> No
     from resmobile_jax.bench import jax_side
 
     step, state, data = jax_side.train_setup(jax_side.bench_config(variant, size, "float32"), batch)
-    leaves, metrics = step.on_leaves(step.leaves(state), data)  # compile outside the trace
+    leaves = step.leaves(state)
+    compiled = step.on_leaves.lower(leaves, data).compile()  # outside the trace; its HLO names the traced ops
+    leaves, metrics = compiled(leaves, data)
     jax.block_until_ready(metrics)
     with jax.profiler.trace(directory):
         for _ in range(TRACED_STEPS):
-            leaves, metrics = step.on_leaves(leaves, data)
+            leaves, metrics = compiled(leaves, data)
         jax.block_until_ready(metrics)
     print(f"trace written to {directory}\n")
-    print(op_table(directory, TRACED_STEPS))
+    print(op_table(directory, TRACED_STEPS, targets=custom_call_targets(compiled.as_text())))
 
 
 def main(argv):

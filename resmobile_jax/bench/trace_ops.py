@@ -11,8 +11,9 @@ import re
 
 def op_events(directory: str) -> list[tuple[int, int, str]]:
     """(start ns, end ns, XLA op name) of every op in the newest jax.profiler trace under `directory`. On CPU, XLA's
-    thunk executor records each op (fusion, dot, custom call) as an event on the thread that ran it; its own
-    bookkeeping events and the region markers of its thread pools are left out."""
+    thunk executor records each op (fusion, dot, custom call) as an event carrying an `hlo_op` stat, on whichever
+    thread ran it: XLA's pool threads, and the Python thread itself when computations run inline
+    (cli.inline_cpu_execution). Python's own events, XLA's bookkeeping and its pools' region markers carry none."""
     from jax.profiler import ProfileData
 
     files = sorted(glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True), key=os.path.getmtime)
@@ -21,10 +22,8 @@ def op_events(directory: str) -> list[tuple[int, int, str]]:
     events = []
     for plane in ProfileData.from_file(files[-1]).planes:
         for line in plane.lines:
-            if not line.name.startswith("tf_XLA"):  # XLA's worker threads, not Python's or the client's
-                continue
             for event in line.events:
-                if not event.name.startswith(("ThunkExecutor", "ThreadpoolListener", "SlinkyThreadPool", "end: ")):
+                if any(name == "hlo_op" for name, _ in event.stats):
                     events.append((event.start_ns, event.start_ns + event.duration_ns, event.name))
     return events
 
@@ -55,18 +54,27 @@ def coverage(directory: str, steps: int, events=None) -> tuple[float, float]:
     return wall / 1e6 / steps, covered / 1e6 / steps
 
 
-def op_table(directory: str, steps: int, top: int = 15) -> str:
-    """The most expensive op kinds (ops named alike, e.g. every `broadcast_subtract_fusion.N`) and single ops."""
+def custom_call_targets(hlo_text: str) -> dict[str, str]:
+    """{op name: custom-call target} from a compiled program's HLO text (`compiled.as_text()`): the trace names the
+    C++ kernels' ops `ffi_call.N`; the target says which kernel each is."""
+    return dict(re.findall(r'%(\S+) = [^\n]*? custom-call\([^\n]*?custom_call_target="([^"]+)"', hlo_text))
+
+
+def op_table(directory: str, steps: int, top: int = 15, targets: dict[str, str] | None = None) -> str:
+    """The most expensive op kinds (ops named alike, e.g. every `broadcast_subtract_fusion.N`, or with `targets`
+    (custom_call_targets) every call of one C++ kernel) and single ops."""
+    targets = targets or {}
     events = op_events(directory)  # the trace file is read once
     times = collections.Counter(op_times(directory, steps, events))
     kinds: collections.Counter = collections.Counter()
     for name, ms in times.items():
-        kinds[re.sub(r"\.\d+$", "", name)] += ms
+        kinds[targets.get(name) or re.sub(r"\.\d+$", "", name)] += ms
     total = sum(times.values())
     wall, covered = coverage(directory, steps, events)
     lines = [f"XLA ops, ms per step (all threads; {total:.0f} ms in all). Step span {wall:.0f} ms, {wall - covered:.0f} ms "
              "of it inside no op event (XLA's Eigen matmuls run untraced on the thread pool)",
              "", "| op kind | ms | share |", "|---|---:|---:|"]
     lines += [f"| {k} | {ms:.1f} | {100 * ms / total:.1f}% |" for k, ms in kinds.most_common(top)]
-    lines += ["", "| op | ms |", "|---|---:|"] + [f"| {k} | {ms:.1f} |" for k, ms in times.most_common(top)]
+    lines += ["", "| op | ms |", "|---|---:|"] + [f"| {k}{f' ({targets[k]})' if k in targets else ''} | {ms:.1f} |"
+                                                 for k, ms in times.most_common(top)]
     return "\n".join(lines)

@@ -142,6 +142,29 @@ def test_interleaved_timing_alternates_the_calls_and_the_ab_report_gives_their_r
     assert parse_value("True") is True and parse_value("shifted") == "shifted" and parse_value("3") == 3
 
 
+def test_op_table_names_the_cpp_kernels_of_a_real_trace(tmp_path):
+    """A traced program calling the depthwise C++ kernel: the trace names the op ffi_call.N, the compiled HLO says
+    which kernel it is, and the table groups and labels it by that name."""
+    import jax
+    import jax.numpy as jnp
+
+    from resmobile_jax.bench import trace_ops
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    x, w = jnp.ones((8, 64, 64, 32)), jnp.ones((3, 3, 1, 32))
+    compiled = jax.jit(lambda x, w: cpu_kernels.depthwise_conv(x, w, 1, 1)).lower(x, w).compile()
+    targets = trace_ops.custom_call_targets(compiled.as_text())
+    assert set(targets.values()) == {"resmobile_depthwise_forward"} and all(n.startswith("ffi_call") for n in targets)
+    jax.block_until_ready(compiled(x, w))
+    with jax.profiler.trace(str(tmp_path)):
+        for _ in range(2):
+            jax.block_until_ready(compiled(x, w))
+    assert set(targets) <= set(trace_ops.op_times(str(tmp_path), steps=2))  # the same names in the trace
+    table = trace_ops.op_table(str(tmp_path), steps=2, targets=targets)
+    name = next(iter(targets))
+    assert "| resmobile_depthwise_forward | " in table and f"| {name} (resmobile_depthwise_forward) | " in table
+
+
 def test_ab_command_end_to_end():
     """Two depthwise implementations of V1 at 32 px: both compiled and timed in one process; a key config.model
     does not have is refused by name."""

@@ -67,23 +67,26 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
     config = jax_side.bench_config(variant, size, dtype, FLAGS.depthwise_impl)
     b, tb = FLAGS.batch, FLAGS.train_batch
     inference, train, rss, first_seconds = {}, {}, {}, {}
+
+    def set_up(name, make_inference, make_train):
+        """Inference calls, then the train call with the peak RSS growth of its setup, compile and one step."""
+        inference[name] = make_inference()
+        with PeakRSS() as mem:
+            train[name], first_seconds[name] = make_train()
+            train[name]()
+        rss[name] = mem.megabytes
+
     print(f"[{variant} {size}px] JAX: compiling ...", flush=True)
-    inference["jax"] = jax_side.inference_calls(config, (1, b))
-    with PeakRSS() as mem:
-        train["jax"], first_seconds["jax"] = jax_side.train_step_call(config, tb)
-        train["jax"]()
-    rss["jax"] = mem.megabytes
+    set_up("jax", lambda: jax_side.inference_calls(config, (1, b)), lambda: jax_side.train_step_call(config, tb))
     print(f"[{variant} {size}px] PyTorch eager: first calls ...", flush=True)
-    inference["pytorch"] = torch_side.inference_calls(variant, size, (1, b), dtype)
-    train["pytorch"], first_seconds["pytorch"], rss["pytorch"] = _torch_train(variant, size, tb, config, dtype, False)
+    set_up("pytorch", lambda: torch_side.inference_calls(variant, size, (1, b), dtype),
+           lambda: torch_side.train_call(variant, size, tb, config, dtype))
     if FLAGS.torch_compile:
         print(f"[{variant} {size}px] torch.compile: compiling ...", flush=True)
-        made = _try(lambda: (torch_side.inference_calls(variant, size, (1, b), dtype, compile_model=True),
-                             _torch_train(variant, size, tb, config, dtype, True)))
-        if not isinstance(made, dict):  # else it failed, and said why
-            inference["torch_compile"], (train["torch_compile"], first_seconds["torch_compile"],
-                                         rss["torch_compile"]) = made
-    frameworks = list(train)
+        _try(lambda: set_up("torch_compile",
+                            lambda: torch_side.inference_calls(variant, size, (1, b), dtype, compile_model=True),
+                            lambda: torch_side.train_call(variant, size, tb, config, dtype, compile_model=True)))
+    frameworks = list(rss)  # torch_compile only if its setup went through
     print(f"[{variant} {size}px] timing {', '.join(frameworks)}, interleaved ...", flush=True)
     budget = FLAGS.budget * len(frameworks)
     timed = {}
@@ -105,14 +108,13 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
         return [None if v is None else v * scale for v in got]
 
     bk = f"batch_{b}"
-    jax_compile = values("train", "first_call_seconds")[0]
+    train_compile, inference_compile = values("train", "first_call_seconds"), values("batch_1", "first_call_seconds")
     rows = [
         record(variant, size, "inference latency, batch 1 (median)", "ms", *values("batch_1", "median_ms")),
         record(variant, size, f"inference throughput, batch {b}", "img/s", *values(bk, "images_per_second")),
         record(variant, size, f"training throughput, batch {tb}", "img/s", *values("train", "images_per_second")),
-        record(variant, size, "train step compile", "s", jax_compile, None, values("train", "first_call_seconds")[2]),
-        record(variant, size, "inference compile, batch 1", "s", values("batch_1", "first_call_seconds")[0], None,
-               values("batch_1", "first_call_seconds")[2]),
+        record(variant, size, "train step compile", "s", train_compile[0], None, train_compile[2]),
+        record(variant, size, "inference compile, batch 1", "s", inference_compile[0], None, inference_compile[2]),
         record(variant, size, "peak RSS growth, training (setup, compile, first step)", "MB", *values("train", "peak_rss_mb")),
         record(variant, size, f"achieved GFLOP/s, inference batch {b}", "GFLOP/s",
                *values(bk, "images_per_second", gflop_inf)[:2], None),
@@ -120,16 +122,6 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
                None),
     ]
     return rows, {**timed, "macs_per_image": macs}
-
-
-def _torch_train(variant, size, batch, config, dtype, compiled):
-    """(call, first call's seconds, peak RSS growth of the setup and first call in MB)."""
-    from resmobile_jax.bench import torch_side
-    from resmobile_jax.bench.system import PeakRSS
-
-    with PeakRSS() as mem:
-        call, first = torch_side.train_call(variant, size, batch, config, dtype, compile_model=compiled)
-    return call, first, mem.megabytes
 
 
 def _try(fn):

@@ -138,15 +138,18 @@ def environment() -> dict:
     import jaxlib
     import torch
 
-    from resmobile_jax.bench.system import cpu_peak_gflops
+    from resmobile_jax.bench.system import cpu_peak_gflops, measured_peak_gflops
     from resmobile_jax.timing import device_description
 
-    peak, how = cpu_peak_gflops() if jax.default_backend() == "cpu" else (None, "see the accelerator's data sheet")
+    on_cpu = jax.default_backend() == "cpu"
+    peak, how = cpu_peak_gflops() if on_cpu else (None, "see the accelerator's data sheet")
+    measured, measured_how = measured_peak_gflops() if on_cpu else (None, "not measured on accelerators")
     return {"device": device_description(), "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-            "peak_gflops": peak, "peak_gflops_how": how, "command": "python -m resmobile_jax.bench " + " ".join(sys.argv[1:])}
+            "peak_gflops": peak, "peak_gflops_how": how, "measured_peak_gflops": measured,
+            "measured_peak_gflops_how": measured_how, "command": "python -m resmobile_jax.bench " + " ".join(sys.argv[1:])}
 
 
 def _fmt(x, unit=None) -> str:
@@ -164,7 +167,9 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
     lines = [
         "# JAX vs PyTorch reference — `python -m resmobile_jax.bench`", "",
         f"- command: `{env['command']}`",
-        f"- machine: {env['device']}; nominal peak {_fmt(env['peak_gflops'])} GFLOP/s ({env['peak_gflops_how']})",
+        f"- machine: {env['device']}; peak {_fmt(env.get('measured_peak_gflops'))} GFLOP/s measured "
+        f"({env.get('measured_peak_gflops_how', 'not measured')}), nominal {_fmt(env['peak_gflops'])} "
+        f"({env['peak_gflops_how']})",
         f"- versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
         f"torch {env['torch']} ({env['torch_threads']} threads); XLA_FLAGS='{env['xla_flags']}'",
         f"- malloc (the same for both frameworks, one process): GLIBC_TUNABLES='{env['glibc_tunables']}'",
@@ -180,6 +185,12 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
             cells += [_fmt(r["pytorch_compile"], r["unit"]),
                       "—" if r["speedup_vs_compile"] is None else f"{r['speedup_vs_compile']:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
+    if peak := env.get("measured_peak_gflops"):
+        shares = [f"{r['variant']} {r['image_size']} px {r['measurement'].split(', ')[1]} "
+                  f"{100 * r['jax'] / peak:.0f}% / {100 * r['pytorch'] / peak:.0f}%"
+                  for r in rows if r["unit"] == "GFLOP/s" and r["jax"] is not None and r["pytorch"] is not None]
+        lines += ["", f"Achieved GFLOP/s as a share of the measured peak ({peak:,.0f}), JAX / PyTorch eager: "
+                  + "; ".join(shares) + "."]
     if "pipeline" in extras:
         p, d = extras["pipeline"], extras["default_train"]
         lines += ["", "## Input pipeline (decode + augment, nothing else running)", "",

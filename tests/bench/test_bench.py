@@ -12,7 +12,7 @@ from PIL import Image
 
 from resmobile_jax.bench.__main__ import record
 from resmobile_jax.bench.data_and_search import knn_throughput, pipeline_images_per_second, write_jpeg_folder
-from resmobile_jax.bench.system import PeakRSS, cpu_peak_gflops
+from resmobile_jax.bench.system import PeakRSS, cpu_peak_gflops, measured_peak_gflops, usable_cores
 from resmobile_jax.data.sources import fashion_mnist, folder
 
 
@@ -35,6 +35,24 @@ def test_peak_rss_sees_an_allocation_that_is_freed_again():
 def test_cpu_peak_estimate_names_its_inputs():
     peak, how = cpu_peak_gflops()
     assert peak is None or (peak > 1 and "GHz" in how)
+
+
+def test_measured_peak_bounds_a_real_matmul():
+    """The FMA loop's figure is a ceiling: numpy's BLAS matmul on all cores (an independent measurement) cannot beat
+    it, and reaches a fair part of it (a loop the compiler had folded into adds, or that ran on one core, would be
+    off by 2x or more)."""
+    peak, how = measured_peak_gflops(seconds=0.2)
+    if peak is None:
+        pytest.skip(how)
+    assert f"on {usable_cores()} cores" in how
+    a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
+    a @ a  # warm-up: BLAS threads started
+    best = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a @ a
+        best = max(best, 2 * 2048**3 / (time.perf_counter() - t) / 1e9)
+    assert 0.2 * peak < best < 1.1 * peak, (best, peak, how)
 
 
 def test_pipeline_reads_a_folder_of_real_jpegs(tmp_path):
@@ -77,6 +95,10 @@ def test_bench_command_end_to_end(tmp_path):
     assert f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:.1f}" in md or \
         f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:,.0f}" in md
     assert "2,000 x 512 gallery" in md and data["environment"]["jax"] in md
+    peak = data["environment"]["measured_peak_gflops"]
+    if peak is not None:  # the machine line and the share of each achieved-GFLOP/s row, from the same records
+        share = rows["achieved GFLOP/s, training"]["jax"] / peak
+        assert f"peak {peak:,.0f} GFLOP/s measured" in md and f"32 px training {100 * share:.0f}% /" in md
 
 
 def test_depthwise_gradient_rewrites_equal_autodiff():

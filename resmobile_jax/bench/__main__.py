@@ -172,6 +172,8 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
         f"({env['peak_gflops_how']})",
         f"- versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
         f"torch {env['torch']} ({env['torch_threads']} threads); XLA_FLAGS='{env['xla_flags']}'",
+        f"- compute dtype: {env.get('dtype', 'float32')}"
+        + (" (JAX: the model's dtype; PyTorch: under torch.autocast)" if env.get("dtype") == "bfloat16" else ""),
         f"- malloc (the same for both frameworks, one process): GLIBC_TUNABLES='{env['glibc_tunables']}'",
         "- speedup = how many times faster (or smaller) JAX is; above 1 means JAX wins. Medians of repeated calls "
         "after warm-up, the frameworks' calls interleaved (JAX, PyTorch, then PyTorch, JAX, ...) so that the "

@@ -101,6 +101,23 @@ def test_bench_command_end_to_end(tmp_path):
         assert f"peak {peak:,.0f} GFLOP/s measured" in md and f"32 px training {100 * share:.0f}% /" in md
 
 
+@pytest.mark.slow
+def test_bench_runs_in_bfloat16_as_on_an_accelerator(tmp_path):
+    """bfloat16 is the bench's default on GPU/TPU (JAX model dtype, PyTorch under autocast). Run on CPU here, so a
+    rare accelerator session does not find that path broken: both frameworks train with a finite loss and the
+    report states the dtype."""
+    out = subprocess.run([sys.executable, "-m", "resmobile_jax.bench", "--variants", "v1", "--sizes", "32", "--budget", "0.1",
+                          "--batch", "4", "--train_batch", "4", "--nopipeline", "--knn_gallery", "0", "--dtype", "bfloat16",
+                          "--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.md")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["environment"]["dtype"] == "bfloat16"
+    train = data["details"]["v1_32"]["train"]
+    assert train["jax"]["finite_loss"] and train["pytorch"]["finite_loss"]
+    assert "- compute dtype: bfloat16 (JAX: the model's dtype; PyTorch: under torch.autocast)" in (tmp_path / "b.md").read_text()
+
+
 def test_depthwise_gradient_rewrites_equal_autodiff():
     """The rewrites the depthwise-gradient benchmark times compute autodiff's gradient (stride 1 and 2, k 3 and 5)."""
     from resmobile_jax.bench.depthwise_grad import REWRITES, format_table, measure

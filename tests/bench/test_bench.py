@@ -73,17 +73,21 @@ def test_knn_throughput_extrapolates_to_the_whole_gallery():
     assert r["all_vs_all_seconds"] == pytest.approx(6 * r["seconds"])
 
 
+def run_bench(tmp_path, *flags: str) -> tuple[dict, str]:
+    """`python -m resmobile_jax.bench` on V1 at 32 px without the pipeline measurement: (its JSON, its Markdown)."""
+    out = subprocess.run([sys.executable, "-m", "resmobile_jax.bench", "--variants", "v1", "--sizes", "32", "--nopipeline",
+                          *flags, "--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.md")],
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads((tmp_path / "b.json").read_text()), (tmp_path / "b.md").read_text()
+
+
 @pytest.mark.slow
 def test_bench_command_end_to_end(tmp_path):
     """V1 at 32 px, short budgets: both frameworks measured in alternation, every record consistent with the Markdown
     table."""
-    out = subprocess.run([sys.executable, "-m", "resmobile_jax.bench", "--variants", "v1", "--sizes", "32", "--budget", "0.2",
-                          "--batch", "8", "--train_batch", "8", "--nopipeline", "--knn_gallery", "2000", "--knn_queries", "500",
-                          "--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.md")],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    data = json.loads((tmp_path / "b.json").read_text())
-    md = (tmp_path / "b.md").read_text()
+    data, md = run_bench(tmp_path, "--budget", "0.2", "--batch", "8", "--train_batch", "8", "--knn_gallery", "2000",
+                         "--knn_queries", "500")
     rows = {r["measurement"]: r for r in data["records"]}
     lat, train = rows["inference latency, batch 1 (median)"], rows["training throughput, batch 8"]
     assert lat["jax"] > 0 and lat["pytorch"] > 0 and lat["speedup"] == pytest.approx(lat["pytorch"] / lat["jax"])
@@ -106,16 +110,12 @@ def test_bench_runs_in_bfloat16_as_on_an_accelerator(tmp_path):
     """bfloat16 is the bench's default on GPU/TPU (JAX model dtype, PyTorch under autocast). Run on CPU here, so a
     rare accelerator session does not find that path broken: both frameworks train with a finite loss and the
     report states the dtype."""
-    out = subprocess.run([sys.executable, "-m", "resmobile_jax.bench", "--variants", "v1", "--sizes", "32", "--budget", "0.1",
-                          "--batch", "4", "--train_batch", "4", "--nopipeline", "--knn_gallery", "0", "--dtype", "bfloat16",
-                          "--json", str(tmp_path / "b.json"), "--out", str(tmp_path / "b.md")],
-                         capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    data = json.loads((tmp_path / "b.json").read_text())
+    data, md = run_bench(tmp_path, "--budget", "0.1", "--batch", "4", "--train_batch", "4", "--knn_gallery", "0",
+                         "--dtype", "bfloat16")
     assert data["environment"]["dtype"] == "bfloat16"
     train = data["details"]["v1_32"]["train"]
     assert train["jax"]["finite_loss"] and train["pytorch"]["finite_loss"]
-    assert "- compute dtype: bfloat16 (JAX: the model's dtype; PyTorch: under torch.autocast)" in (tmp_path / "b.md").read_text()
+    assert "- compute dtype: bfloat16 (JAX: the model's dtype; PyTorch: under torch.autocast)" in md
 
 
 def test_depthwise_gradient_rewrites_equal_autodiff():

@@ -66,13 +66,14 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
 
     config = jax_side.bench_config(variant, size, dtype, FLAGS.depthwise_impl)
     b, tb = FLAGS.batch, FLAGS.train_batch
-    inference, train, rss, first_seconds = {}, {}, {}, {}
+    inference, train, rss, device_mb, first_seconds = {}, {}, {}, {}, {}
 
     def set_up(name, make_inference, make_train):
-        """Inference calls, then the train call with the peak RSS growth of its setup, compile and one step."""
+        """Inference calls, then the train call with the peak RSS growth of its setup, compile and one step, and its
+        device memory (JAX: XLA's buffer assignment of the step; PyTorch: CUDA's peak, None on CPU)."""
         inference[name] = make_inference()
         with PeakRSS() as mem:
-            train[name], first_seconds[name] = make_train()
+            train[name], first_seconds[name], device_mb[name] = make_train()
             train[name]()
         rss[name] = mem.megabytes
 
@@ -95,8 +96,8 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
                                budget_seconds=budget, per_round=5 if bs == 1 else 3, untimed_per_round=1)
         timed[f"batch_{bs}"] = {n: per_image({"first_call_seconds": inference[n][bs][1], **t[n]}, bs) for n in frameworks}
     t = interleaved_timing({n: train[n] for n in frameworks}, min_rounds=3, max_rounds=30, budget_seconds=budget)
-    timed["train"] = {n: {**per_image(t[n], tb), "first_call_seconds": first_seconds[n], "peak_rss_mb": rss[n]}
-                      for n in frameworks}
+    timed["train"] = {n: {**per_image(t[n], tb), "first_call_seconds": first_seconds[n], "peak_rss_mb": rss[n],
+                          "device_mb": device_mb[n]} for n in frameworks}
     timed["train"]["jax"]["finite_loss"] = bool(np.isfinite(float(train["jax"]()["loss"])))
     timed["train"]["pytorch"]["finite_loss"] = torch_side.loss_is_finite(train["pytorch"]())
     macs = profile_model(config.model.to_dict(), size, xla_flops=False, checkpoint_size=False)["total"]["macs"]
@@ -116,6 +117,8 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
         record(variant, size, "train step compile", "s", train_compile[0], None, train_compile[2]),
         record(variant, size, "inference compile, batch 1", "s", inference_compile[0], None, inference_compile[2]),
         record(variant, size, "peak RSS growth, training (setup, compile, first step)", "MB", *values("train", "peak_rss_mb")),
+        record(variant, size, "device memory, training (JAX: the step's XLA buffer assignment; PyTorch: CUDA peak)",
+               "MB", *values("train", "device_mb")),
         record(variant, size, f"achieved GFLOP/s, inference batch {b}", "GFLOP/s",
                *values(bk, "images_per_second", gflop_inf)[:2], None),
         record(variant, size, "achieved GFLOP/s, training", "GFLOP/s", *values("train", "images_per_second", gflop_train)[:2],

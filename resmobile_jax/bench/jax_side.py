@@ -58,9 +58,17 @@ def train_setup(config, batch: int):
     return step, state, data
 
 
+def step_megabytes(compiled) -> float:
+    """Device memory one call of a compiled function needs by XLA's buffer assignment: arguments, outputs and
+    temporaries, donated arguments that outputs reuse counted once. Exact and on every backend, where the allocator's
+    peak statistics cannot be reset between measurements."""
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes) / 1e6
+
+
 def train_step_call(config, batch: int):
-    """(call, compile seconds): call() runs one compiled train step to completion and returns its metrics, the
-    state carried as leaves and donated from step to step as in training."""
+    """(call, compile seconds, device MB): call() runs one compiled train step to completion and returns its metrics,
+    the state carried as leaves and donated from step to step as in training; device MB = step_megabytes."""
     step, state, data = train_setup(config, batch)
     holder = [step.leaves(state)]
     compiled, compile_seconds = compile_jitted(step.on_leaves, holder[0], data)
@@ -69,13 +77,13 @@ def train_step_call(config, batch: int):
         holder[0], metrics = compiled(holder[0], data)
         return jax.block_until_ready((holder[0], metrics))[1]
 
-    return call, compile_seconds
+    return call, compile_seconds, step_megabytes(compiled)
 
 
 def train(config, batch: int, budget_seconds: float) -> dict:
     """Images/s of the full train step (forward, loss, backward, AdamW, clipping, BN and EMA updates)."""
     with PeakRSS() as mem:
-        call, compile_seconds = train_step_call(config, batch)
+        call, compile_seconds, _ = train_step_call(config, batch)
         r = repeat_timing(call, min_repeats=3, max_repeats=30, budget_seconds=budget_seconds, warmup=1)
     loss_value = float(jax.device_get(call()["loss"]))
     return {**r, "compile_seconds": round(compile_seconds, 2), "images_per_second": 1e3 * batch / r["median_ms"],

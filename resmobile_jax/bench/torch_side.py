@@ -77,9 +77,15 @@ def inference_calls(variant, size, batch_sizes, dtype: str, compile_model: bool 
 
 
 def train_call(variant, size, batch, config, dtype: str, compile_model: bool = False):
-    """(call, first call's seconds): call() runs one optimizer step and returns its loss; hyperparameters from the
-    JAX side's config so both do the same arithmetic."""
+    """(call, first call's seconds, device MB): call() runs one optimizer step and returns its loss; hyperparameters
+    from the JAX side's config so both do the same arithmetic. Device MB: on CUDA, the allocator's peak above its
+    level at entry over the setup and the first step (model, optimizer and EMA state, activations); None on CPU,
+    where the bench's RSS figure is the memory measure."""
     device = _device()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
     opt = config.optimizer
     normalize = _Normalize(device)
     model = build_reference(variant, int(config.model.embedding_dim)).to(device).to(memory_format=torch.channels_last).train()
@@ -116,7 +122,9 @@ def train_call(variant, size, batch, config, dtype: str, compile_model: bool = F
         _sync(device)
         return loss
 
-    return call, _timed_first_call(call)
+    first_seconds = _timed_first_call(call)
+    device_mb = (torch.cuda.max_memory_allocated() - base) / 1e6 if device.type == "cuda" else None
+    return call, first_seconds, device_mb
 
 
 def loss_is_finite(loss) -> bool:

@@ -37,6 +37,19 @@ def test_cpu_peak_estimate_names_its_inputs():
     assert peak is None or (peak > 1 and "GHz" in how)
 
 
+def test_step_megabytes_counts_a_donated_buffer_once():
+    import jax
+    import jax.numpy as jnp
+
+    from resmobile_jax.bench.jax_side import step_megabytes
+
+    x, y = jnp.ones((1000, 1000)), jnp.ones((1000, 1000))  # 4 MB each
+    donated = jax.jit(lambda x, y: x * 2 + y, donate_argnums=0).lower(x, y).compile()
+    kept = jax.jit(lambda x, y: x * 2 + y).lower(x, y).compile()
+    assert step_megabytes(donated) == pytest.approx(8.0, rel=0.01)  # the output lives in x's buffer
+    assert step_megabytes(kept) == pytest.approx(12.0, rel=0.01)
+
+
 def test_measured_peak_bounds_a_real_matmul():
     """The FMA loop's figure is a ceiling: numpy's BLAS matmul on all cores (an independent measurement) cannot beat
     it, and reaches a fair part of it (a loop the compiler had folded into adds, or that ran on one core, would be
@@ -99,6 +112,9 @@ def test_bench_command_end_to_end(tmp_path):
     assert f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:.1f}" in md or \
         f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:,.0f}" in md
     assert "2,000 x 512 gallery" in md and data["environment"]["jax"] in md
+    memory = rows["device memory, training (JAX: the step's XLA buffer assignment; PyTorch: CUDA peak)"]
+    # 3.1M parameters, their AdamW moments and EMA (~50 MB in float32) plus activations; no CUDA, no PyTorch figure
+    assert 50 < memory["jax"] < 2000 and memory["pytorch"] is None
     peak = data["environment"]["measured_peak_gflops"]
     if peak is not None:  # the machine line and the share of each achieved-GFLOP/s row, from the same records
         share = rows["achieved GFLOP/s, training"]["jax"] / peak

@@ -144,11 +144,14 @@ def environment() -> dict:
     from resmobile_jax.bench.system import cpu_peak_gflops, measured_peak_gflops
     from resmobile_jax.timing import device_description
 
+    from resmobile_jax.bench.torch_side import torch_device_description
+
     on_cpu = jax.default_backend() == "cpu"
     peak, how = cpu_peak_gflops() if on_cpu else (None, "see the accelerator's data sheet")
     measured, measured_how = measured_peak_gflops() if on_cpu else (None, "not measured on accelerators")
     return {"device": device_description(), "python": platform.python_version(), "jax": jax.__version__,
             "jaxlib": jaxlib.__version__, "flax": flax.__version__, "torch": torch.__version__,
+            "torch_device": torch_device_description(), "jax_backend": jax.default_backend(),
             "torch_threads": torch.get_num_threads(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
             "peak_gflops": peak, "peak_gflops_how": how, "measured_peak_gflops": measured,
@@ -175,6 +178,9 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
         f"({env['peak_gflops_how']})",
         f"- versions: python {env['python']}, jax {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, "
         f"torch {env['torch']} ({env['torch_threads']} threads); XLA_FLAGS='{env['xla_flags']}'",
+        f"- PyTorch runs on: {env.get('torch_device', 'cpu')}"
+        + (" -- NOT the device JAX runs on (no CUDA for PyTorch here, e.g. a TPU host): the ratios compare different "
+           "hardware" if env.get("jax_backend", "cpu") != "cpu" and env.get("torch_device", "cpu") == "cpu" else ""),
         f"- compute dtype: {env.get('dtype', 'float32')}"
         + (" (JAX: the model's dtype; PyTorch: under torch.autocast)" if env.get("dtype") == "bfloat16" else ""),
         f"- malloc (the same for both frameworks, one process): GLIBC_TUNABLES='{env['glibc_tunables']}'",

@@ -22,6 +22,12 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def torch_device_description() -> str:
+    """'cuda (NVIDIA H100 80GB HBM3)' or 'cpu': where the PyTorch side runs."""
+    device = _device()
+    return f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+
+
 def _sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize()

@@ -25,6 +25,20 @@ def test_speedup_is_how_many_times_better_jax_is():
     assert r["speedup"] == pytest.approx(0.5) and r["speedup_vs_compile"] == pytest.approx(2.0)
 
 
+def test_report_warns_when_pytorch_runs_on_other_hardware_than_jax():
+    """On a TPU host PyTorch has no CUDA and runs on the host CPU: the report must say the ratios compare different
+    hardware; on a CPU-only machine (both on the CPU) it must not."""
+    from resmobile_jax.bench.__main__ import markdown
+
+    env = {"command": "python -m resmobile_jax.bench", "device": "TPU v5 lite (tpu)", "peak_gflops": None,
+           "peak_gflops_how": "see the accelerator's data sheet", "python": "3.11", "jax": "0", "jaxlib": "0",
+           "flax": "0", "torch": "0", "torch_threads": 2, "xla_flags": "", "glibc_tunables": "", "dtype": "bfloat16"}
+    tpu = markdown({**env, "jax_backend": "tpu", "torch_device": "cpu"}, [], {})
+    cpu = markdown({**env, "jax_backend": "cpu", "torch_device": "cpu"}, [], {})
+    assert "- PyTorch runs on: cpu -- NOT the device JAX runs on" in tpu
+    assert "- PyTorch runs on: cpu\n" in cpu
+
+
 def test_peak_rss_sees_an_allocation_that_is_freed_again():
     with PeakRSS() as mem:
         a = np.ones(300_000_000 // 8)  # 300 MB, touched

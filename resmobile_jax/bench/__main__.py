@@ -142,9 +142,8 @@ def environment() -> dict:
     import torch
 
     from resmobile_jax.bench.system import cpu_peak_gflops, measured_peak_gflops
-    from resmobile_jax.timing import device_description
-
     from resmobile_jax.bench.torch_side import torch_device_description
+    from resmobile_jax.timing import device_description
 
     on_cpu = jax.default_backend() == "cpu"
     peak, how = cpu_peak_gflops() if on_cpu else (None, "see the accelerator's data sheet")

@@ -39,6 +39,26 @@ def test_report_warns_when_pytorch_runs_on_other_hardware_than_jax():
     assert "- PyTorch runs on: cpu\n" in cpu
 
 
+def test_report_says_whether_training_would_wait_for_the_input_pipeline():
+    """Each data source's pipeline rate against JAX's train step at the same image size, per variant: a verdict and
+    the headroom; a variant without a train-step row at the JPEG folder's size says so instead of inventing one."""
+    from resmobile_jax.bench.__main__ import markdown
+
+    env = {"command": "c", "device": "cpu", "peak_gflops": None, "peak_gflops_how": "", "python": "3.11", "jax": "0",
+           "jaxlib": "0", "flax": "0", "torch": "0", "torch_threads": 2, "xla_flags": "", "glibc_tunables": "",
+           "dtype": "float32", "jax_backend": "cpu", "torch_device": "cpu"}
+    rows = [record("v1", 224, "training throughput, batch 32", "img/s", 40.0, 30.0),
+            record("v1", 224, "inference throughput, batch 32", "img/s", 4000.0, 30.0)]  # not a training row
+    extras = {"pipeline": {"fashion_mnist": {"size": 32, "batch": 128, "images_per_second": 1000.0},
+                           "jpeg_folder": {"size": 224, "batch": 32, "source_pixels": 256, "images_per_second": 30.0}},
+              "default_train": {"v1": {"images_per_second": 250.0}, "v2": {"images_per_second": 2000.0}}}
+    report = markdown(env, rows, extras)
+    assert "| Fashion-MNIST (default run) | 32 | 128 | 1,000 | 250 (v1) | no (4.0x headroom) |" in report
+    assert "| Fashion-MNIST (default run) | 32 | 128 | 1,000 | 2,000 (v2) | yes (0.5x headroom) |" in report
+    assert "| folder of 256px JPEGs | 224 | 32 | 30.0 | 40.0 (v1) | yes (0.8x headroom) |" in report
+    assert "| folder of 256px JPEGs | 224 | 32 | 30.0 | no 224 px training row in this run (v2) | — |" in report
+
+
 def test_peak_rss_sees_an_allocation_that_is_freed_again():
     with PeakRSS() as mem:
         a = np.ones(300_000_000 // 8)  # 300 MB, touched

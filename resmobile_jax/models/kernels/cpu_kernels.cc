@@ -137,32 +137,42 @@ inline std::pair<int64_t, int64_t> InBoundsOutputs(int64_t col_min, int64_t col_
   return {lo, std::max(lo, std::min(count, last < 0 ? 0 : last / a + 1))};
 }
 
-// Channels [ch, ch + lanes(V)) of outputs m .. m+Q-1; kChecked skips taps outside [0, in_w).
-template <typename V, int Q, bool kChecked>
+// Channels [ch, ch + NV lanes(V)) of outputs m .. m+Q-1; kChecked skips taps outside [0, in_w). The Q x NV sums
+// are independent chains of multiply-adds (a pixel's taps, in list order, form one chain per channel vector).
+template <typename V, int Q, int NV, bool kChecked>
 inline void SumPixels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m, int64_t ch,
                       float* out, int64_t out_stride) {
-  V acc[Q] = {};
+  constexpr int64_t kLanes = sizeof(V) / sizeof(float);
+  V acc[Q][NV] = {};
   const int64_t step = a * C;  // from one output's input pixel to the next one's
   for (int64_t t = 0; t < n; ++t) {
-    const V wv = Load<V>(taps[t].w + ch);
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Load<V>(taps[t].w + ch + v * kLanes);
     const int64_t col = a * m + taps[t].col;
     const float* in = taps[t].in + col * C + ch;
     for (int u = 0; u < Q; ++u) {
       if (kChecked && (col + a * u < 0 || col + a * u >= in_w)) continue;
-      acc[u] += Load<V>(in + u * step) * wv;
+      for (int v = 0; v < NV; ++v) acc[u][v] += Load<V>(in + u * step + v * kLanes) * wv[v];
     }
   }
-  for (int u = 0; u < Q; ++u) Store<V>(out + (m + u) * out_stride + ch, acc[u]);
+  for (int u = 0; u < Q; ++u)
+    for (int v = 0; v < NV; ++v) Store<V>(out + (m + u) * out_stride + ch + v * kLanes, acc[u][v]);
 }
 
 // All channels of outputs m .. m+Q-1. Channels innermost, so a block of outputs reads contiguous runs of its input
 // pixels (channel blocks outermost swept each line C/8 times in strided 32-byte pieces: wide layers ran at ~5 GB/s).
+// Blocks of fewer than 8 pixels take several channel vectors at once, so that there are still 8 independent sums:
+// one pixel and one vector at a time waited on the multiply-add latency (4 cycles) at every tap, and on 7x7 maps
+// with a 5x5 kernel every output is such a pixel (2 edge outputs each side, 3 inside: too few for a block).
 template <int Q, bool kChecked>
 inline void SumPixelsAllChannels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m,
                                  float* out, int64_t out_stride) {
+  constexpr int NV = Q >= 8 ? 1 : Q >= 4 ? 2 : 8;
   int64_t ch = 0;
-  for (; ch + 8 <= C; ch += 8) SumPixels<Vec8, Q, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  for (; ch < C; ++ch) SumPixels<float, Q, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  for (; ch + 8 * NV <= C; ch += 8 * NV)
+    SumPixels<Vec8, Q, NV, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  for (; ch + 8 <= C; ch += 8) SumPixels<Vec8, Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  for (; ch < C; ++ch) SumPixels<float, Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
 }
 
 // out[m * out_stride + :C] for m in [0, count), taps in list order (n may be 0: zeros).

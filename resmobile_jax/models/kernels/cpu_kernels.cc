@@ -161,17 +161,27 @@ inline void SumPixels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64
 
 // All channels of outputs m .. m+Q-1. Channels innermost, so a block of outputs reads contiguous runs of its input
 // pixels (channel blocks outermost swept each line C/8 times in strided 32-byte pieces: wide layers ran at ~5 GB/s).
-// Blocks of fewer than 8 pixels take several channel vectors at once, so that there are still 8 independent sums:
-// one pixel and one vector at a time waited on the multiply-add latency (4 cycles) at every tap, and on 7x7 maps
-// with a 5x5 kernel every output is such a pixel (2 edge outputs each side, 3 inside: too few for a block).
+// Blocks of fewer than 8 pixels take several channel vectors at once, so that there are still up to 8 independent
+// sums: one pixel and one vector at a time waited on the multiply-add latency (4 cycles) at every tap, and on 7x7
+// maps with a 5x5 kernel every output is such a pixel (2 edge outputs each side, 3 inside: too few for a block).
+template <int Q, int NV, bool kChecked>
+inline int64_t SumChannelBlocks(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m,
+                                int64_t ch, float* out, int64_t out_stride) {
+  for (; ch + 8 * NV <= C; ch += 8 * NV)
+    SumPixels<Vec8, Q, NV, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  return ch;
+}
+
 template <int Q, bool kChecked>
 inline void SumPixelsAllChannels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m,
                                  float* out, int64_t out_stride) {
-  constexpr int NV = Q >= 8 ? 1 : Q >= 4 ? 2 : 8;
   int64_t ch = 0;
-  for (; ch + 8 * NV <= C; ch += 8 * NV)
-    SumPixels<Vec8, Q, NV, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  for (; ch + 8 <= C; ch += 8) SumPixels<Vec8, Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  if constexpr (Q < 4) {
+    ch = SumChannelBlocks<Q, 8, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+    ch = SumChannelBlocks<Q, 4, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  }
+  if constexpr (Q < 8) ch = SumChannelBlocks<Q, 2, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  ch = SumChannelBlocks<Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
   for (; ch < C; ++ch) SumPixels<float, Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
 }
 

@@ -2,6 +2,7 @@
 end-to-end run whose JSON records are checked against the Markdown it prints."""
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -152,7 +153,10 @@ def test_bench_command_end_to_end(tmp_path):
     peak = data["environment"]["measured_peak_gflops"]
     if peak is not None:  # the machine line and the share of each achieved-GFLOP/s row, from the same records
         share = rows["achieved GFLOP/s, training"]["jax"] / peak
-        assert f"peak {peak:,.0f} GFLOP/s measured" in md and f"32 px training {100 * share:.0f}% /" in md
+        # (under 100 the report keeps a decimal: a busy machine, e.g. another test worker, measures ~100 on 2 cores)
+        shown = re.search(r"peak ([\d,.]+) GFLOP/s measured", md)
+        assert shown and float(shown.group(1).replace(",", "")) == pytest.approx(peak, abs=0.51)
+        assert f"32 px training {100 * share:.0f}% /" in md
 
 
 @pytest.mark.slow

@@ -847,29 +847,23 @@ inline int DenseVectors(int64_t co) { return co % 16 == 0 ? 2 : co % 8 == 0 ? 1 
 
 // The weights as one output row reads them: panels for the blocked kernel, w itself for the plain loop.
 struct DenseWeights {
-  std::vector<float> panels;
-  const float* data;
+  const float* w;
+  std::vector<float> panels;  // empty for the plain loop
+  const float* data() const { return panels.empty() ? w : panels.data(); }
 };
 
 DenseWeights MakeDenseWeights(const Geometry& g, const float* wd, int64_t co) {
-  DenseWeights dw;
   const int v = DenseVectors(co);
-  if (v == 0) {
-    dw.data = wd;
-    return dw;
-  }
-  dw.panels = PackDensePanels(wd, g.k * g.k * g.c, co, 8 * v);
-  dw.data = dw.panels.data();
-  return dw;
+  return {wd, v == 0 ? std::vector<float>() : PackDensePanels(wd, g.k * g.k * g.c, co, 8 * v)};
 }
 
 // One output row of the convolution, then the epilogue while it is in cache.
 void DenseForwardRow(const Geometry& g, int64_t co, const Padded& xp, const DenseWeights& w, const Epilogue& epi,
                      int64_t row, float* yrow) {
   switch (DenseVectors(co)) {
-    case 2: DenseForwardBlocked<2, 6>(g, co, xp, w.data, row, yrow); break;
-    case 1: DenseForwardBlocked<1, 8>(g, co, xp, w.data, row, yrow); break;
-    default: DenseForwardPlain(g, co, xp, w.data, row, yrow);
+    case 2: DenseForwardBlocked<2, 6>(g, co, xp, w.data(), row, yrow); break;
+    case 1: DenseForwardBlocked<1, 8>(g, co, xp, w.data(), row, yrow); break;
+    default: DenseForwardPlain(g, co, xp, w.data(), row, yrow);
   }
   ApplyEpilogue(epi, yrow, yrow, g.wo, co);
 }

@@ -26,16 +26,21 @@ def test_speedup_is_how_many_times_better_jax_is():
     assert r["speedup"] == pytest.approx(0.5) and r["speedup_vs_compile"] == pytest.approx(2.0)
 
 
+def report_env(**overrides) -> dict:
+    """The environment record `bench.markdown` reads, for reports built from hand-made records."""
+    return {"command": "python -m resmobile_jax.bench", "device": "cpu", "peak_gflops": None, "peak_gflops_how": "",
+            "python": "3.11", "jax": "0", "jaxlib": "0", "flax": "0", "torch": "0", "torch_threads": 2,
+            "xla_flags": "", "glibc_tunables": "", "dtype": "float32", "jax_backend": "cpu", "torch_device": "cpu",
+            **overrides}
+
+
 def test_report_warns_when_pytorch_runs_on_other_hardware_than_jax():
     """On a TPU host PyTorch has no CUDA and runs on the host CPU: the report must say the ratios compare different
     hardware; on a CPU-only machine (both on the CPU) it must not."""
     from resmobile_jax.bench.__main__ import markdown
 
-    env = {"command": "python -m resmobile_jax.bench", "device": "TPU v5 lite (tpu)", "peak_gflops": None,
-           "peak_gflops_how": "see the accelerator's data sheet", "python": "3.11", "jax": "0", "jaxlib": "0",
-           "flax": "0", "torch": "0", "torch_threads": 2, "xla_flags": "", "glibc_tunables": "", "dtype": "bfloat16"}
-    tpu = markdown({**env, "jax_backend": "tpu", "torch_device": "cpu"}, [], {})
-    cpu = markdown({**env, "jax_backend": "cpu", "torch_device": "cpu"}, [], {})
+    tpu = markdown(report_env(device="TPU v5 lite (tpu)", dtype="bfloat16", jax_backend="tpu"), [], {})
+    cpu = markdown(report_env(dtype="bfloat16"), [], {})
     assert "- PyTorch runs on: cpu -- NOT the device JAX runs on" in tpu
     assert "- PyTorch runs on: cpu\n" in cpu
 
@@ -45,15 +50,12 @@ def test_report_says_whether_training_would_wait_for_the_input_pipeline():
     the headroom; a variant without a train-step row at the JPEG folder's size says so instead of inventing one."""
     from resmobile_jax.bench.__main__ import markdown
 
-    env = {"command": "c", "device": "cpu", "peak_gflops": None, "peak_gflops_how": "", "python": "3.11", "jax": "0",
-           "jaxlib": "0", "flax": "0", "torch": "0", "torch_threads": 2, "xla_flags": "", "glibc_tunables": "",
-           "dtype": "float32", "jax_backend": "cpu", "torch_device": "cpu"}
     rows = [record("v1", 224, "training throughput, batch 32", "img/s", 40.0, 30.0),
             record("v1", 224, "inference throughput, batch 32", "img/s", 4000.0, 30.0)]  # not a training row
     extras = {"pipeline": {"fashion_mnist": {"size": 32, "batch": 128, "images_per_second": 1000.0},
                            "jpeg_folder": {"size": 224, "batch": 32, "source_pixels": 256, "images_per_second": 30.0}},
               "default_train": {"v1": {"images_per_second": 250.0}, "v2": {"images_per_second": 2000.0}}}
-    report = markdown(env, rows, extras)
+    report = markdown(report_env(), rows, extras)
     assert "| Fashion-MNIST (default run) | 32 | 128 | 1,000 | 250 (v1) | no (4.0x headroom) |" in report
     assert "| Fashion-MNIST (default run) | 32 | 128 | 1,000 | 2,000 (v2) | yes (0.5x headroom) |" in report
     assert "| folder of 256px JPEGs | 224 | 32 | 30.0 | 40.0 (v1) | yes (0.8x headroom) |" in report

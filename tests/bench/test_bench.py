@@ -272,6 +272,56 @@ def test_ab_command_end_to_end():
     assert bad.returncode != 0 and "unknown model option 'fuse_bn'" in bad.stderr
 
 
+def test_ab_command_compares_two_versions_of_the_kernels(tmp_path):
+    """--kernels with a copy of this checkout's cpu_kernels.cc: both programs run (the copy's targets under other
+    names) and give the same embeddings bit for bit; a spec that is neither a file nor a revision is refused."""
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    copy = tmp_path / "copy.cc"
+    copy.write_bytes(cpu_kernels.SOURCE.read_bytes())
+    cmd = [sys.executable, "-m", "resmobile_jax.bench.ab", "--kernels", str(copy), "--variant", "v1", "--size", "32",
+           "--batch", "2", "--rounds", "2", "--calls", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"| {copy} | " in out.stdout and "| this checkout | " in out.stdout
+    assert "| output | 1024 | 0 | 0 | 0 |" in out.stdout  # 2 images x 512 dimensions, all equal
+    bad = subprocess.run(cmd[:4] + ["no-such-revision"] + cmd[5:], capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "'no-such-revision' is neither a file nor a git revision" in bad.stderr
+
+
+def test_kernel_source_reads_a_file_or_a_revision_of_the_repository(tmp_path):
+    """A real git repository: the revision's cpu_kernels.cc, not the working tree's."""
+    from resmobile_jax.bench.ab import KERNEL_SOURCE, kernel_source
+
+    repo = tmp_path / "repo"
+    (repo / KERNEL_SOURCE).parent.mkdir(parents=True)
+    (repo / KERNEL_SOURCE).write_text("// committed\n")
+    git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run(["git", "init", "-q", str(repo)], check=True)
+    subprocess.run(git + ["add", "."], check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "c"], check=True)
+    (repo / KERNEL_SOURCE).write_text("// edited\n")
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    assert kernel_source("HEAD", workdir, repo).read_text() == "// committed\n"
+    assert kernel_source(str(repo / KERNEL_SOURCE), workdir, repo).read_text() == "// edited\n"
+    with pytest.raises(ValueError, match="'HEAD~3' is neither a file nor a git revision"):
+        kernel_source("HEAD~3", workdir, repo)
+
+
+def test_compare_outputs_counts_differences_in_ulps_of_the_largest_value():
+    """Hand-worked: 0.5 + 2^-23 differs from 0.5 by 2^-23, one ulp of the largest |value| 1.0 (two of 0.5's)."""
+    from resmobile_jax.bench.ab import compare_outputs
+
+    a = {"x": np.array([1.0, 0.5, -0.25], np.float32), "y": np.array(2.0, np.float32)}
+    b = {"x": np.array([1.0, 0.5 + 2.0**-23, -0.25], np.float32), "y": np.array(2.0, np.float32)}
+    table = compare_outputs(a, b, names=("A", "B"))
+    assert "B against A" in table
+    assert "| ['x'] | 3 | 1 | 1.19e-07 | 1 |" in table and "| ['y'] | 1 | 0 | 0 | 0 |" in table
+    with pytest.raises(ValueError, match="shapes differ"):
+        compare_outputs(a, {"x": a["x"][:2], "y": a["y"]}, names=("A", "B"))
+
+
 def test_trace_coverage_counts_overlapping_ops_once(tmp_path):
     """The step span and the time inside op events, from a real trace: covered never exceeds the span, and the
     table names both."""

@@ -23,3 +23,42 @@ def test_missing_or_failing_compiler_is_named(tmp_path, monkeypatch):
     with pytest.raises(cpu_kernels.KernelUnavailable, match="compiling cpu_kernels.cc failed"):
         cpu_kernels.build()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_another_version_of_the_kernels_runs_beside_this_one(tmp_path, monkeypatch):
+    """bench.ab --kernels' mechanism: a changed cpu_kernels.cc (Hardswish as t * (u * (1/6)) instead of t * (u / 6))
+    built and registered under a prefix; a function traced inside targets_prefixed calls it, one traced outside calls
+    this checkout's. The change shows in Hardswish outputs (a rounding apart) and nowhere else."""
+    import jax
+    import numpy as np
+
+    cpu_kernels.require()  # this checkout's library, from the usual cache
+    monkeypatch.setenv("RESMOBILE_KERNEL_CACHE", str(tmp_path / "cache"))  # the changed one apart
+    source = cpu_kernels.SOURCE.read_text()
+    assert source.count("return t * (u / 6.0f);") == 1
+    changed = tmp_path / "changed.cc"
+    changed.write_text(source.replace("return t * (u / 6.0f);", "return t * (u * (1.0f / 6.0f));"))
+    assert cpu_kernels.register_library(changed, "changed_") == []
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 12, 12, 16)).astype(np.float32)
+    w = rng.normal(size=(3, 3, 1, 16)).astype(np.float32)
+    scale, shift = rng.uniform(0.5, 2, 16).astype(np.float32), rng.normal(size=16).astype(np.float32)
+
+    def compiled(activation, prefix):
+        fn = jax.jit(lambda x: cpu_kernels.conv_bn_act_forward(x, w, scale, shift, activation, 1, 1, depthwise=True))
+        with cpu_kernels.targets_prefixed(prefix) as traced:
+            executable = fn.lower(x).compile()
+        assert traced == {"resmobile_depthwise_forward_bn_act"}
+        assert f'"{prefix}resmobile_depthwise_forward_bn_act"' in executable.as_text()
+        return np.asarray(executable(x))
+
+    for activation in ("relu", "hardswish"):  # traced without, with, without the prefix: it is restored after use
+        ours, theirs = compiled(activation, ""), compiled(activation, "changed_")
+        if activation == "relu":
+            np.testing.assert_array_equal(ours, theirs)
+        else:
+            differing = ours != theirs
+            assert 0 < differing.sum() < differing.size
+            np.testing.assert_allclose(theirs, ours, rtol=3e-7, atol=1e-7)

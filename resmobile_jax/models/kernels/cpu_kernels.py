@@ -19,6 +19,7 @@ compiler's message.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -79,33 +80,33 @@ def _cpu_signature() -> str:
     return platform.machine() + "|" + "|".join(lines)
 
 
-def library_path(compiler: str) -> Path:
+def library_path(compiler: str, source: Path = SOURCE) -> Path:
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), jaxlib.__version__.encode(), compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
+    for part in (source.read_bytes(), jaxlib.__version__.encode(), compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
                  _cpu_signature().encode()):
         key.update(part)
     return cache_dir() / f"cpu_kernels_{key.hexdigest()[:16]}.so"
 
 
-def build() -> Path:
+def build(source: Path = SOURCE) -> Path:
     """Compile the library unless a matching one is cached; returns its path. Concurrent builders (pytest workers,
     processes of one host) each write a private temporary file and rename it into place."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH (install g++ or set CXX)")
-    target = library_path(compiler)
+    target = library_path(compiler, source)
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), str(SOURCE), "-o", tmp]
+    cmd = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
-        raise KernelUnavailable(f"compiling {SOURCE.name} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
+        raise KernelUnavailable(f"compiling {source.name} failed ({' '.join(cmd)}):\n{result.stderr[-2000:]}")
     os.replace(tmp, target)
     return target
 
@@ -123,6 +124,36 @@ def _load() -> str | None:
     for name, symbol in TARGETS.items():
         jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     return None
+
+
+def register_library(source: Path, prefix: str) -> list[str]:
+    """Builds another version of cpu_kernels.cc (`bench.ab --kernels`) and registers its targets as prefix + name,
+    beside this checkout's, so both libraries run in one process; returns the targets that version lacks."""
+    library = ctypes.cdll.LoadLibrary(str(build(source)))
+    missing = []
+    for name, symbol in TARGETS.items():
+        if hasattr(library, symbol):
+            jax.ffi.register_ffi_target(prefix + name, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
+        else:
+            missing.append(name)
+    return missing
+
+
+_target_prefix = ""  # what `_call` puts before a target's name while tracing; set by `targets_prefixed`
+_traced_targets: set[str] | None = None
+
+
+@contextlib.contextmanager
+def targets_prefixed(prefix: str):
+    """Functions traced inside call the targets `register_library` registered under `prefix`; yields the set of
+    (unprefixed) targets traced, so a caller can tell that tracing happened (a cached trace would call none)."""
+    global _target_prefix, _traced_targets
+    saved = _target_prefix, _traced_targets
+    _target_prefix, _traced_targets = prefix, set()
+    try:
+        yield _traced_targets
+    finally:
+        _target_prefix, _traced_targets = saved
 
 
 def unavailable_reason() -> str | None:
@@ -151,7 +182,9 @@ def _call(target: str, out_shape, *args, **attributes: int | float):
     else:
         result = jax.ShapeDtypeStruct(out_shape, jnp.float32)
     # "sequential": under vmap, one call per example (correct, not fast; the model is never vmapped).
-    call = jax.ffi.ffi_call(target, result, vmap_method="sequential")
+    if _traced_targets is not None:
+        _traced_targets.add(target)
+    call = jax.ffi.ffi_call(_target_prefix + target, result, vmap_method="sequential")
     return call(*args, **{k: np.float32(v) if isinstance(v, float) else np.int64(v) for k, v in attributes.items()})
 
 

@@ -1,10 +1,13 @@
-"""Where the train step's time goes: forward and forward+backward of each part of the network (stem, mid, tail,
-head), in JAX (per depthwise implementation) and in the PyTorch reference, on the same input.
+"""Where the time goes, part by part (stem, mid, tail, head), in JAX and in the PyTorch reference, on the same input.
 
     python -m resmobile_jax.bench.breakdown --variant v2 --size 224 --batch 32 [--trace_dir DIR]
+    python -m resmobile_jax.bench.breakdown --mode eval --variant v2 --size 224 --batch 32 [--trace_dir DIR]
 
---trace_dir also writes a jax.profiler trace of a few full train steps (open it in TensorBoard's profile plugin or
-Perfetto) and prints the XLA ops that took the most time in it (fusions, dots, the C++ kernels' custom calls).
+train (default): forward and forward+backward of each part in training mode, JAX per depthwise implementation
+(`--impls`), each timed on its own. eval: each part's inference forward pass (running BN statistics, the fused
+kernels embedding runs), JAX and PyTorch calls interleaved, with their ratio. --trace_dir also writes a jax.profiler
+trace of a few full train steps or embed calls (open it in TensorBoard's profile plugin or Perfetto) and prints the
+XLA ops that took the most time in it (fusions, dots, the C++ kernels' custom calls).
 """
 
 from __future__ import annotations
@@ -18,10 +21,14 @@ from flax import nnx
 from resmobile_jax import cli
 from resmobile_jax.bench.trace_ops import custom_call_targets, op_table
 from resmobile_jax.models import build_model
+from resmobile_jax.models.architecture import MOBILENET_V3_LARGE_BLOCKS, NUM_BOTTLENECKS
 from resmobile_jax.models.resmobilenet import PARTS
-from resmobile_jax.timing import repeat_timing, time_jitted
+from resmobile_jax.timing import compile_jitted, interleaved_timing, repeat_timing, time_jitted
 
 FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "train", ["train", "eval"], "train: training-mode parts, forward and backward; eval: "
+                  "inference parts against PyTorch's, interleaved")
+flags.DEFINE_bool("blocks", False, "eval mode: the mid and tail block by block")
 flags.DEFINE_string("variant", "v2", "v1 | v2")
 flags.DEFINE_integer("size", 224, "square input size")
 flags.DEFINE_integer("batch", 32, "batch size")
@@ -86,6 +93,63 @@ def torch_parts(variant: str, size: int, batch: int, budget: float) -> dict[str,
     return out
 
 
+def eval_units(blocks: bool) -> list[str]:
+    """PARTS, or with `blocks` the mid and tail block by block (mid.0 .. mid.14, tail.0 .. tail.5)."""
+    if not blocks:
+        return list(PARTS)
+    return ["stem", *[f"mid.{i}" for i in range(len(MOBILENET_V3_LARGE_BLOCKS))],
+            *[f"tail.{i}" for i in range(NUM_BOTTLENECKS)], "head"]
+
+
+def _unit(root, name: str):
+    """root.stem for "stem", root.mid[3] for "mid.3": the same names in the Flax model and the PyTorch reference."""
+    part, _, index = name.partition(".")
+    return getattr(root, part)[int(index)] if index else getattr(root, part)
+
+
+def eval_parts(variant: str, size: int, batch: int, budget: float, blocks: bool = False) -> dict[str, dict[str, float]]:
+    """{part: {"jax_ms", "torch_ms"}}: each part's (or block's) inference forward pass in both frameworks on the same
+    input (the previous one's output), calls alternating so the machine's drift hits both alike."""
+    import torch
+
+    from resmobile_jax.bench.jax_side import bench_config
+    from resmobile_jax.convert.torch_reference import build_reference
+
+    model = build_model(bench_config(variant, size, "float32").model)
+    model.eval()
+    graphdef, state = nnx.split(model)
+    leaves, treedef = jax.tree.flatten(state)  # passing nnx.State flattens it in Python, ~1 ms per call
+    reference = build_reference(variant).to(memory_format=torch.channels_last).eval()
+    images = np.random.default_rng(0).standard_normal((batch, size, size, 3), dtype=np.float32)
+    x, xt = jnp.asarray(images), torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    out = {}
+    for part in eval_units(blocks):
+        def forward(leaves, x, part=part):
+            model = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
+            return model.apply_part(part, x) if part in PARTS else _unit(model, part)(x)
+
+        compiled, _ = compile_jitted(forward, leaves, x)
+        module = _unit(reference, part)
+
+        def torch_call(module=module, xt=xt):
+            with torch.inference_mode():
+                return module(xt)
+
+        calls = {"jax": lambda compiled=compiled, x=x: jax.block_until_ready(compiled(leaves, x)), "torch": torch_call}
+        r = interleaved_timing(calls, min_rounds=5, max_rounds=200, budget_seconds=budget, warmup=2)
+        out[part] = {"jax_ms": r["jax"]["median_ms"], "torch_ms": r["torch"]["median_ms"]}
+        x, xt = compiled(leaves, x), torch_call()
+    return out
+
+
+def eval_table(results: dict[str, dict[str, float]]) -> str:
+    lines = ["| part | JAX ms | PyTorch ms | speedup (PyTorch / JAX) |", "|---|---:|---:|---:|"]
+    total = {k: sum(r[k] for r in results.values()) for k in ("jax_ms", "torch_ms")}
+    for part, r in [*results.items(), ("total", total)]:
+        lines.append(f"| {part} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['torch_ms'] / r['jax_ms']:.2f}x |")
+    return "\n".join(lines)
+
+
 def table(results: dict[str, dict]) -> str:
     names = list(results)
     head = "| part | " + " | ".join(f"{n} fwd ms | {n} fwd+bwd ms" for n in names) + " |"
@@ -120,9 +184,37 @@ def trace_train_steps(variant: str, size: int, batch: int, directory: str) -> No
     print(op_table(directory, TRACED_STEPS, targets=custom_call_targets(compiled.as_text())))
 
 
+def trace_embed_calls(variant: str, size: int, batch: int, directory: str) -> None:
+    from resmobile_jax import parallel
+    from resmobile_jax.bench.jax_side import bench_config
+    from resmobile_jax.embed import make_embed_fn
+    from resmobile_jax.train.state import split_model
+
+    model = build_model(bench_config(variant, size, "float32").model)
+    model.eval()
+    graphdef, params, batch_stats = split_model(model)
+    bound = make_embed_fn(graphdef, jnp.float32, parallel.data_mesh()).bind(params, batch_stats)
+    images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+    compiled = bound.jitted.lower(bound.leaves, images).compile()
+    jax.block_until_ready(compiled(bound.leaves, images))
+    with jax.profiler.trace(directory):
+        for _ in range(TRACED_STEPS):
+            jax.block_until_ready(compiled(bound.leaves, images))
+    print(f"trace written to {directory}\n")
+    print(op_table(directory, TRACED_STEPS, targets=custom_call_targets(compiled.as_text())))
+
+
 def main(argv):
     del argv
     cli.quiet_logging()
+    if FLAGS.mode == "eval":
+        print("JAX and PyTorch eager, eval mode, part by part ...", flush=True)
+        results = eval_parts(FLAGS.variant, FLAGS.size, FLAGS.batch, FLAGS.budget, FLAGS.blocks)
+        print(f"\n{FLAGS.variant}, {FLAGS.size} px, batch {FLAGS.batch}, eval mode, float32, calls interleaved\n")
+        print(eval_table(results))
+        if FLAGS.trace_dir:
+            trace_embed_calls(FLAGS.variant, FLAGS.size, FLAGS.batch, FLAGS.trace_dir)
+        return
     results = {}
     for impl in FLAGS.impls:
         print(f"JAX ({impl} depthwise) ...", flush=True)

@@ -193,6 +193,12 @@ def _inverted_residual_bwd(activation, stride, padding, residual, saved, g):
 inverted_residual_kernel.defvjp(_inverted_residual_fwd, _inverted_residual_bwd)
 
 
+# Eval mode runs a bottleneck as one kernel call from this many images on: with fewer, XLA's ~6 small ops were as
+# fast or faster (one 7x7x160 image: 0.13-0.15 vs 0.15-0.18 ms per block; four: even), with 8 and more the kernel
+# wins (8 x 7x7: 0.53-0.60 vs 0.75 ms; 32 x 2x2, 64 px inputs: 0.39-0.52 vs 0.71-0.97 ms).
+FUSED_BOTTLENECK_MIN_BATCH = 8
+
+
 class Bottleneck(nnx.Module):
     """torchvision resnet.Bottleneck(inplanes, planes) without downsample: 1x1 -> 3x3 -> 1x1 (x4), + identity, ReLU."""
 
@@ -200,17 +206,52 @@ class Bottleneck(nnx.Module):
 
     def __init__(
         self, inplanes: int, planes: int, *, pointwise_impl: PointwiseImpl = "matmul",
-        batch_norm_impl: BatchNormImpl = "auto", dense_conv_impl: StemConvImpl = "auto", dtype=None,
-        param_dtype=jnp.float32, rng: np.random.Generator,
+        batch_norm_impl: BatchNormImpl = "auto", dense_conv_impl: StemConvImpl = "auto", fuse_eval_bn: bool = True,
+        dtype=None, param_dtype=jnp.float32, rng: np.random.Generator,
     ):
         if inplanes != planes * self.expansion:
             raise ValueError(f"Bottleneck without downsample needs inplanes == 4 * planes, got {inplanes} and {planes}")
         kw = dict(bn=RESNET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl, dtype=dtype,
                   param_dtype=param_dtype, rng=rng)
         self.conv_bn1 = ConvBNAct(inplanes, planes, 1, activation="relu", **kw)
-        # the 3x3 in eval mode: the C++ dense conv kernel with BN + ReLU unless dense_conv_impl is "xla"
-        self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", stem_conv_impl=dense_conv_impl, **kw)
+        # the 3x3 in eval mode: the C++ dense conv kernel with BN + ReLU unless dense_conv_impl is "xla"; with
+        # fuse_eval_bn the whole block is one kernel call (bottleneck_kernel)
+        self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", stem_conv_impl=dense_conv_impl,
+                                  fuse_eval_bn=fuse_eval_bn, **kw)
         self.conv_bn3 = ConvBNAct(planes, inplanes, 1, activation="identity", **kw)
 
     def __call__(self, x):
+        if (self.conv_bn2.runs_as_one_kernel(self.conv_bn2.conv.dtype or x.dtype)
+                and x.shape[0] >= FUSED_BOTTLENECK_MIN_BATCH):
+            def folded(layer):  # (kernel, BN scale, BN shift), 1x1 kernels as (Cin, Cout)
+                w, scale, shift = layer.folded()
+                return (w.reshape(w.shape[-2:]) if w.shape[0] == 1 else w), scale, shift
+
+            return bottleneck_kernel(x.astype(jnp.float32), *map(folded, (self.conv_bn1, self.conv_bn2, self.conv_bn3)))
         return jax.nn.relu(self.conv_bn3(self.conv_bn2(self.conv_bn1(x))) + x)
+
+
+def _unfused_bottleneck(x, conv1, conv2, conv3):
+    (w1, s1, b1), (w3, s3, b3) = conv1, conv3
+    y = jax.nn.relu(x @ w1 * s1 + b1)
+    y = unfused_conv_bn_act(False, "relu", 1, 1, False, y, *conv2)
+    return jax.nn.relu(y @ w3 * s3 + b3 + x)
+
+
+@jax.custom_vjp
+def bottleneck_kernel(x, conv1, conv2, conv3):
+    """An eval-mode bottleneck as one C++ kernel call (cpu_kernels.bottleneck_forward): on the tail's small maps
+    XLA ran each of its ~6 ops as a separate short pass. Each conv is (kernel, BN scale, BN shift). Differentiable
+    (frozen-BN fine-tuning): the backward pass recomputes the unfused form and takes its gradient."""
+    return cpu_kernels.bottleneck_forward(x, conv1, conv2, conv3)
+
+
+def _bottleneck_fwd(x, conv1, conv2, conv3):
+    return bottleneck_kernel(x, conv1, conv2, conv3), (x, conv1, conv2, conv3)
+
+
+def _bottleneck_bwd(saved, g):
+    return jax.vjp(_unfused_bottleneck, *saved)[1](g)
+
+
+bottleneck_kernel.defvjp(_bottleneck_fwd, _bottleneck_bwd)

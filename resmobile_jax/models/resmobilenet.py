@@ -69,7 +69,7 @@ class ResMobileNet(nnx.Module):
         )
         self.tail = nnx.List(
             [Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl,
-                        dense_conv_impl=stem_conv_impl, **kw) for _ in range(NUM_BOTTLENECKS)]
+                        dense_conv_impl=stem_conv_impl, fuse_eval_bn=fuse_eval_bn, **kw) for _ in range(NUM_BOTTLENECKS)]
         )
         self.head = EmbeddingHead(TAIL_CHANNELS, embedding_dim, **kw)
 

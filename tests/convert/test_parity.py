@@ -26,6 +26,33 @@ def test_converted_model_matches_reference_per_stage(variant, output_stride, siz
     assert len(result["stages"]) == 1 + 15 + 6 + 1
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_the_fused_eval_kernels_the_bench_runs_match_reference_per_stage(variant):
+    """Batch 8 at 224 px runs the eval paths of the bench and of evaluation, which batch 2 above does not: inverted
+    residuals fused into C++ calls (expanded maps over blocks.FUSED_BLOCK_MIN_BYTES) and the tail's bottlenecks as one
+    call each (blocks.FUSED_BOTTLENECK_MIN_BATCH images)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from resmobile_jax.models import blocks
+
+    batch = 8
+    assert batch >= blocks.FUSED_BOTTLENECK_MIN_BATCH
+    model = build_model(dict(variant=variant, embedding_dim=512))
+    model.eval()
+    graphdef, state = nnx.split(model)
+    stages = jax.jit(lambda s, x: nnx.merge(graphdef, s).stages(x))  # what parity_check runs (models.jit_stages)
+    text = stages.lower(state, jnp.zeros((batch, 224, 224, 3), jnp.float32)).as_text()
+    assert text.count("@resmobile_bottleneck_forward(") == 6
+    assert "@resmobile_inverted_residual_forward(" in text and "@resmobile_se_project_forward(" in text
+    result = parity_check(variant, image_size=(224, 224), batch=batch, seed=1)
+    for name, stage in result["stages"].items():
+        assert stage["ok"], f"{name}: {stage}"
+    assert result["embedding_max_abs_diff"] <= 1e-5
+
+
 @pytest.mark.parametrize("variant,output_stride", MODELS)
 def test_depthwise_implementations_agree_on_the_whole_network(variant, output_stride):
     ref = randomize(build_reference(variant, 64, output_stride), seed=2)

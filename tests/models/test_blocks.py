@@ -133,3 +133,57 @@ def test_training_block_runs_the_expansion_bn_inside_the_depthwise_kernels(name,
     assert "@resmobile_depthwise_forward(" not in fused_text and "bn_act_depthwise" not in unfused_text
     for got, want in zip(jax.tree.leaves(fused), jax.tree.leaves(unfused)):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def random_bottleneck(inplanes: int, rng) -> blocks.Bottleneck:
+    block = blocks.Bottleneck(inplanes, inplanes // 4, rng=np.random.default_rng(0))
+    for layer in (block.conv_bn1, block.conv_bn2, block.conv_bn3):
+        c = layer.bn.scale[...].shape[0]
+        layer.bn.scale[...] = jnp.asarray(rng.standard_normal(c), jnp.float32)
+        layer.bn.bias[...] = jnp.asarray(rng.standard_normal(c), jnp.float32)
+        layer.bn.mean[...] = jnp.asarray(rng.standard_normal(c), jnp.float32)
+        layer.bn.var[...] = jnp.asarray(rng.uniform(0.5, 2.0, c), jnp.float32)
+    block.eval()
+    return block
+
+
+# The tail's Bottleneck(160, 40) on 224 px (7x7) and 64 px (2x2) maps, a map with odd sides, and widths off the
+# kernels' vector blocks (40 -> 10: panels 8 + 2; the 3x3 with 10 outputs takes the plain loop)
+@pytest.mark.parametrize("inplanes,hw", [(160, (7, 7)), (160, (2, 2)), (160, (5, 9)), (40, (6, 7))])
+def test_eval_bottleneck_runs_as_one_kernel_call(inplanes, hw, rng):
+    block = random_bottleneck(inplanes, rng)
+    x = jnp.asarray(rng.standard_normal((blocks.FUSED_BOTTLENECK_MIN_BATCH, *hw, inplanes)), jnp.float32)
+    graphdef, params, rest = nnx.split(block, nnx.Param, ...)
+
+    def forward(params, x):
+        return nnx.merge(graphdef, params, rest)(x)
+
+    fused_text = jax.jit(forward).lower(params, x).as_text()
+    assert fused_text.count("@resmobile_bottleneck_forward(") == 1 and "dot_general" not in fused_text
+    block.conv_bn2.fuse_eval_bn = False
+    graphdef_unfused = nnx.split(block, nnx.Param, ...)[0]
+
+    def unfused(params, x):
+        return nnx.merge(graphdef_unfused, params, rest)(x)
+
+    assert "bottleneck" not in jax.jit(unfused).lower(params, x).as_text()
+    want = np.asarray(unfused(params, x))
+    np.testing.assert_allclose(np.asarray(forward(params, x)), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+    def gradients(f):  # frozen-BN fine-tuning differentiates the fused call
+        return jax.grad(lambda p, x: jnp.sum(f(p, x) ** 2), argnums=(0, 1))(params, x)
+
+    for got, want in zip(jax.tree.leaves(gradients(forward)), jax.tree.leaves(gradients(unfused))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
+
+
+def test_small_batches_keep_the_bottleneck_as_xla_ops(rng):
+    block = random_bottleneck(160, rng)
+    graphdef, state = nnx.split(block)
+
+    def lowered(batch):
+        x = jnp.zeros((batch, 7, 7, 160), jnp.float32)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+
+    assert "bottleneck" not in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH - 1)
+    assert "@resmobile_bottleneck_forward(" in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH)

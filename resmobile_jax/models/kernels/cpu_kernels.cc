@@ -15,6 +15,7 @@
 //   BatchNorms, activations and the residual in one pass over rows (two around the squeeze-excitation's matmuls),
 //   with an own register-blocked 1x1 kernel (Pointwise1x1): unfused, the expanded and depthwise maps, the largest
 //   of the network, are each written to memory and read back by separate XLA ops.
+// - eval-mode ResNet bottlenecks (the tail), image by image on buffers in cache.
 // - training-mode BatchNorm + activation (batch statistics; forward and backward), and that BN + activation as a
 //   prologue of the depthwise forward and kernel-gradient passes (applied to each input row as it is read), so an
 //   inverted residual's expanded map is written once, before its BN, instead of also after it.
@@ -987,6 +988,72 @@ ffi::Error DenseConvForwardBnActMaxPool(ffi::ThreadPool pool, ffi::Buffer<ffi::F
   return DenseConvForwardWith(pool, x, w, y, stride, padding, epi, /*max_pool=*/true);
 }
 
+// A ResNet bottleneck without downsample, eval mode: relu(bn3(conv3(relu(bn2(conv2(relu(bn1(conv1(x)))))))) + x),
+// conv1/conv3 1x1 (C -> P -> C), conv2 3x3 padding 1 (P -> P). The tail's maps are small (7x7x160 at 224 px), so
+// unfused each of a block's ~6 XLA ops was a separate short pass. Three passes over rows here, each split across
+// threads (a single 7x7 image too): conv1 straight into conv2's zero-padded input, conv2 (the dense conv's rows),
+// conv3 with the residual and the final ReLU; the intermediate maps (P = C/4 channels) stay in cache.
+ffi::Error BottleneckForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w1,
+                             ffi::Buffer<ffi::F32> scale1, ffi::Buffer<ffi::F32> shift1, ffi::Buffer<ffi::F32> w2,
+                             ffi::Buffer<ffi::F32> scale2, ffi::Buffer<ffi::F32> shift2, ffi::Buffer<ffi::F32> w3,
+                             ffi::Buffer<ffi::F32> scale3, ffi::Buffer<ffi::F32> shift3,
+                             ffi::ResultBuffer<ffi::F32> y) {
+  auto d = x.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("bottleneck: input must be NHWC (rank 4)");
+  const int64_t n = d[0], h = d[1], w = d[2], c = d[3];
+  Pointwise reduce, restore;
+  std::vector<float> reduce_panels, restore_panels;
+  if (auto e = MakePointwise(w1, scale1, shift1, kRelu, c, &reduce, &reduce_panels); e.failure()) return e;
+  const int64_t planes = reduce.cout;
+  auto d2 = w2.dimensions();
+  if (d2.size() != 4 || d2[0] != 3 || d2[1] != 3 || d2[2] != planes || d2[3] != planes)
+    return ffi::Error::InvalidArgument("bottleneck: conv2 must be (3, 3, P, P), P conv1's output channels");
+  if (auto e = MakePointwise(w3, scale3, shift3, kIdentity, planes, &restore, &restore_panels); e.failure()) return e;
+  if (restore.cout != c) return ffi::Error::InvalidArgument("bottleneck: conv3 must restore the input's channels");
+  Epilogue epi2;
+  if (auto e = MakeEpilogue(scale2, shift2, kRelu, planes, &epi2); e.failure()) return e;
+  const Geometry g{n, h, w, planes, 3, 1, 1, h, w};  // conv2
+  const DenseWeights w2_panels = MakeDenseWeights(g, w2.typed_data(), planes);
+  // conv1's output, zero-padded (+ the 8 pixels a last partial block of DenseForwardBlocked reads past the end),
+  // then conv2's output.
+  const Padded xp{nullptr, h + 2, w + 2};
+  const int64_t padded_row = xp.wp * planes, tail = 8 * planes;
+  std::unique_ptr<float[]> padded(new float[n * xp.hp * padded_row + tail]), mid(new float[n * h * w * planes]);
+  std::fill(padded.get() + n * xp.hp * padded_row, padded.get() + n * xp.hp * padded_row + tail, 0.0f);
+  const Padded a{padded.get(), xp.hp, xp.wp};
+  const float* xd = x.typed_data();
+  float* yd = y->typed_data();
+  const int64_t pieces = Pieces(pool);
+  ParallelFor(pool, n * xp.hp, pieces, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t prow = begin; prow < end; ++prow) {
+      const int64_t b = prow / xp.hp, r = prow % xp.hp - 1;
+      float* dst = padded.get() + prow * padded_row;
+      if (r < 0 || r >= h) {
+        std::fill(dst, dst + padded_row, 0.0f);
+        continue;
+      }
+      std::fill(dst, dst + planes, 0.0f);
+      std::fill(dst + (w + 1) * planes, dst + padded_row, 0.0f);
+      Pointwise1x1(reduce, xd + (b * h + r) * w * c, w, nullptr, dst + planes);
+    }
+  });
+  ParallelFor(pool, n * h, pieces, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t row = begin; row < end; ++row) DenseForwardRow(g, planes, a, w2_panels, epi2, row, mid.get() + row * w * planes);
+  });
+  ParallelFor(pool, n * h, pieces, [&](int64_t begin, int64_t end, int64_t) {
+    const int64_t rows = end - begin, count = rows * w * c;
+    float* out = yd + begin * w * c;
+    Pointwise1x1(restore, mid.get() + begin * w * planes, rows * w, xd + begin * w * c, out);  // bn3(conv3(.)) + x
+    int64_t i = 0;
+    for (; i + 8 <= count; i += 8) {
+      const Vec8 v = Load<Vec8>(out + i);
+      Store<Vec8>(out + i, v > Vec8{} ? v : Vec8{});
+    }
+    for (; i < count; ++i) out[i] = std::max(out[i], 0.0f);
+  });
+  return ffi::Error::Success();
+}
+
 // dw[i, j, c, :] = sum_{b, r, q} x[b, r*S+i-P, q*S+j-P, c] * dy[b, r, q, :], accumulated per chunk of output rows
 // (each chunk's own K*K*Cin*Cout accumulator, added in a fixed order at the end, as for the depthwise gradient).
 // Per output row and kernel row i, the taps (j, c) of one padded input row are consecutive floats (jc = j*Cin + c),
@@ -1455,6 +1522,20 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileInvertedResidualForward, InvertedResidual
                                   .Attr<int64_t>("padding")
                                   .Attr<int64_t>("activation")
                                   .Attr<int64_t>("residual"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBottleneckForward, BottleneckForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x (N, H, W, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv1 (C, P)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bn1 scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bn1 shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv2 (3, 3, P, P)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bn2 scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bn2 shift
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // conv3 (P, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bn3 scale
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // bn3 shift
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDepthwiseInputGrad, DepthwiseInputGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

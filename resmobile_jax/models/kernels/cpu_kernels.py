@@ -3,7 +3,7 @@ input and kernel gradients) and the stems' few-input-channel dense convolution (
 forward passes also with eval-mode BatchNorm and the activation applied in the same pass (`conv_bn_act_forward`,
 for the V2 stem with ResNet's max pool too); the max pool alone (`max_pool_forward`); and eval-mode inverted
 residuals fused whole (`inverted_residual_forward`; with squeeze-excitation `expand_depthwise_forward` and
-`se_project_forward` around the SE's matmuls).
+`se_project_forward` around the SE's matmuls) and eval-mode ResNet bottlenecks (`bottleneck_forward`).
 
 XLA:CPU spends 10-30x the forward pass on a depthwise convolution's kernel gradient whatever form it is written in
 (`python -m resmobile_jax.bench.depthwise_grad`), which made JAX training ~3.5x slower than PyTorch at 224 px, and
@@ -54,6 +54,7 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_batch_norm_statistics": "ResmobileBatchNormStatistics",
     "resmobile_bn_act_depthwise_forward": "ResmobileBnActDepthwiseForward",
     "resmobile_bn_act_depthwise_kernel_grad": "ResmobileBnActDepthwiseKernelGrad",
+    "resmobile_bottleneck_forward": "ResmobileBottleneckForward",
 }
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
@@ -330,6 +331,15 @@ def se_project_forward(d, se_scale, project, residual_input=None):
     res = jnp.zeros((0,), f32) if residual_input is None else residual_input.astype(f32)
     return _call("resmobile_se_project_forward", (*d.shape[:3], wp.shape[-1]), d.astype(f32), se_scale.astype(f32),
                  *(a.astype(f32) for a in project), res)
+
+
+def bottleneck_forward(x, conv1, conv2, conv3):
+    """An eval-mode ResNet bottleneck without downsample in one kernel call: relu(bn3(conv3(relu(bn2(conv2(relu(
+    bn1(conv1(x)))))))) + x); each conv is (kernel, BN scale, BN shift), conv1 / conv3 kernels (Cin, Cout), conv2's
+    (3, 3, P, P) with padding 1."""
+    require()
+    args = [x, *conv1, *conv2, *conv3]
+    return _call("resmobile_bottleneck_forward", x.shape, *[a.astype(jnp.float32) for a in args])
 
 
 def batch_norm_act(x, gamma, beta, epsilon: float, activation: str):

@@ -146,7 +146,7 @@ def eval_table(results: dict[str, dict[str, float]]) -> str:
     lines = ["| part | JAX ms | PyTorch ms | speedup (PyTorch / JAX) |", "|---|---:|---:|---:|"]
     total = {k: sum(r[k] for r in results.values()) for k in ("jax_ms", "torch_ms")}
     for part, r in [*results.items(), ("total", total)]:
-        lines.append(f"| {part} | {r['jax_ms']:.1f} | {r['torch_ms']:.1f} | {r['torch_ms'] / r['jax_ms']:.2f}x |")
+        lines.append(f"| {part} | {r['jax_ms']:.2f} | {r['torch_ms']:.2f} | {r['torch_ms'] / r['jax_ms']:.2f}x |")
     return "\n".join(lines)
 
 

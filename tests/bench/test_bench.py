@@ -322,6 +322,31 @@ def test_compare_outputs_counts_differences_in_ulps_of_the_largest_value():
         compare_outputs(a, {"x": a["x"][:2], "y": a["y"]}, names=("A", "B"))
 
 
+def _table_rows(text: str) -> dict[str, list[str]]:
+    return {cells[0]: cells[1:] for line in text.splitlines() if line.startswith("| ")
+            for cells in [[c.strip() for c in line.strip("|").split("|")]]}
+
+
+@pytest.mark.slow
+def test_breakdown_command_in_both_modes():
+    """Eval mode block by block (the same names index the Flax model and the PyTorch reference), with a ratio per
+    row that is its two times' quotient; train mode part by part."""
+    units = ["stem", *[f"mid.{i}" for i in range(15)], *[f"tail.{i}" for i in range(6)], "head"]
+    base = [sys.executable, "-m", "resmobile_jax.bench.breakdown", "--variant", "v1", "--size", "32", "--batch", "2",
+            "--budget", "0.05"]
+    out = subprocess.run(base + ["--mode", "eval", "--blocks"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _table_rows(out.stdout)
+    assert [name for name in rows if name not in ("part", "---")] == [*units, "total"]
+    for name in units:
+        jax_ms, torch_ms, ratio = float(rows[name][0]), float(rows[name][1]), float(rows[name][2].rstrip("x"))
+        assert jax_ms > 0 and torch_ms > 0 and ratio == pytest.approx(torch_ms / jax_ms, rel=0.1, abs=0.02)
+    out = subprocess.run(base + ["--impls", "auto"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = _table_rows(out.stdout)
+    assert {"stem", "mid", "tail", "head", "total"} <= set(rows) and len(rows["mid"]) == 4  # JAX and PyTorch, fwd and fwd+bwd
+
+
 def test_trace_coverage_counts_overlapping_ops_once(tmp_path):
     """The step span and the time inside op events, from a real trace: covered never exceeds the span, and the
     table names both."""

@@ -220,9 +220,15 @@ class Bottleneck(nnx.Module):
                                   fuse_eval_bn=fuse_eval_bn, **kw)
         self.conv_bn3 = ConvBNAct(planes, inplanes, 1, activation="identity", **kw)
 
+    def runs_as_one_kernel(self, x) -> bool:
+        """Eval mode (all three BNs on running statistics: the kernel folds them), the 3x3 as a C++ kernel with
+        `fuse_eval_bn`, and at least FUSED_BOTTLENECK_MIN_BATCH images."""
+        return (self.conv_bn2.runs_as_one_kernel(self.conv_bn2.conv.dtype or x.dtype)
+                and self.conv_bn1.bn.use_running_average and self.conv_bn3.bn.use_running_average
+                and x.shape[0] >= FUSED_BOTTLENECK_MIN_BATCH)
+
     def __call__(self, x):
-        if (self.conv_bn2.runs_as_one_kernel(self.conv_bn2.conv.dtype or x.dtype)
-                and x.shape[0] >= FUSED_BOTTLENECK_MIN_BATCH):
+        if self.runs_as_one_kernel(x):
             def folded(layer):  # (kernel, BN scale, BN shift), 1x1 kernels as (Cin, Cout)
                 w, scale, shift = layer.folded()
                 return (w.reshape(w.shape[-2:]) if w.shape[0] == 1 else w), scale, shift

@@ -177,13 +177,15 @@ def test_eval_bottleneck_runs_as_one_kernel_call(inplanes, hw, rng):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 
-def test_small_batches_keep_the_bottleneck_as_xla_ops(rng):
+def test_small_batches_and_batch_statistics_keep_the_bottleneck_as_xla_ops(rng):
     block = random_bottleneck(160, rng)
-    graphdef, state = nnx.split(block)
 
     def lowered(batch):
+        graphdef, state = nnx.split(block)
         x = jnp.zeros((batch, 7, 7, 160), jnp.float32)
         return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
 
     assert "bottleneck" not in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH - 1)
     assert "@resmobile_bottleneck_forward(" in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH)
+    block.conv_bn3.bn.use_running_average = False  # one BN on batch statistics: the kernel cannot fold it
+    assert "bottleneck" not in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH)

@@ -34,7 +34,7 @@ flags.DEFINE_integer("size", 224, "square input size")
 flags.DEFINE_integer("batch", 32, "batch size")
 flags.DEFINE_list("impls", ["auto", "shifted"], "JAX depthwise implementations to compare (auto: what training uses)")
 flags.DEFINE_float("budget", 3.0, "seconds of repeated calls per measurement")
-flags.DEFINE_string("trace_dir", "", "also write a jax.profiler trace of 3 train steps here")
+flags.DEFINE_string("trace_dir", "", "also write a jax.profiler trace of 3 train steps (--mode eval: embed calls) here")
 
 
 def jax_parts(variant: str, size: int, batch: int, impl: str, budget: float) -> dict[str, dict[str, float]]:

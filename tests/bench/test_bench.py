@@ -328,15 +328,18 @@ def _table_rows(text: str) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_breakdown_command_in_both_modes():
+def test_breakdown_command_in_both_modes(tmp_path):
     """Eval mode block by block (the same names index the Flax model and the PyTorch reference), with a ratio per
-    row that is its two times' quotient; train mode part by part."""
+    row that is its two times' quotient, and a trace of embed calls whose op table names the C++ kernels; train
+    mode part by part."""
     units = ["stem", *[f"mid.{i}" for i in range(15)], *[f"tail.{i}" for i in range(6)], "head"]
     base = [sys.executable, "-m", "resmobile_jax.bench.breakdown", "--variant", "v1", "--size", "32", "--batch", "2",
             "--budget", "0.05"]
-    out = subprocess.run(base + ["--mode", "eval", "--blocks"], capture_output=True, text=True, timeout=600)
+    out = subprocess.run(base + ["--mode", "eval", "--blocks", "--trace_dir", str(tmp_path)], capture_output=True,
+                         text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = _table_rows(out.stdout)
+    assert f"trace written to {tmp_path}" in out.stdout and "| resmobile_depthwise_forward_bn_act | " in out.stdout
+    rows = _table_rows(out.stdout.split("trace written to")[0])
     assert [name for name in rows if name not in ("part", "---")] == [*units, "total"]
     for name in units:
         jax_ms, torch_ms, ratio = float(rows[name][0]), float(rows[name][1]), float(rows[name][2].rstrip("x"))

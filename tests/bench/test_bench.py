@@ -289,6 +289,25 @@ def test_ab_command_compares_two_versions_of_the_kernels(tmp_path):
     assert bad.returncode != 0 and "'no-such-revision' is neither a file nor a git revision" in bad.stderr
 
 
+@pytest.mark.slow
+def test_ab_command_names_kernels_that_take_other_arguments(tmp_path):
+    """A version whose dense conv + BN handlers call an attribute "strides" (this checkout passes "stride") builds,
+    then fails on the first call with a message that says why."""
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    source = cpu_kernels.SOURCE.read_text()
+    old = '.Attr<int64_t>("stride")\n      .Attr<int64_t>("padding")\n      .Attr<int64_t>("activation");'
+    assert source.count(old) == 1
+    changed = tmp_path / "renamed.cc"
+    changed.write_text(source.replace(old, old.replace('"stride"', '"strides"')))
+    cmd = [sys.executable, "-m", "resmobile_jax.bench.ab", "--kernels", str(changed), "--variant", "v1", "--size", "32",
+           "--batch", "2", "--rounds", "1", "--calls", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "kernels failed on this checkout's calls; the two versions must take the same buffers and attributes" in out.stderr
+    assert "stride vs strides" in out.stderr  # XLA's own diagnosis, passed on
+
+
 def test_kernel_source_reads_a_file_or_a_revision_of_the_repository(tmp_path):
     """A real git repository: the revision's cpu_kernels.cc, not the working tree's."""
     from resmobile_jax.bench.ab import KERNEL_SOURCE, kernel_source

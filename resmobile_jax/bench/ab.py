@@ -10,8 +10,9 @@ compiled first and their first outputs compared value by value (the same inputs 
 times `--calls` calls of each, and the medians are compared. `--option` is any `config.model` key (fuse_eval_bn,
 depthwise_impl, stem_conv_impl, pointwise_impl, ...). `--kernels` (a file, or a git revision of this repository)
 builds that cpu_kernels.cc beside this checkout's and registers its FFI targets under other names: A runs them, B
-this checkout's; the Python side is this checkout's for both, so the two versions must take the same arguments. XLA
-flags cannot differ within one process (compare those with two `bench` runs).
+this checkout's; the Python side is this checkout's for both, so the two versions must take the same arguments
+(`--set fuse_eval_bottleneck=False` keeps the model off a kernel an older version lacks). XLA flags cannot differ
+within one process (compare those with two `bench` runs).
 """
 
 from __future__ import annotations
@@ -38,16 +39,30 @@ def parse_value(text: str):
         return text  # a plain string such as shifted
 
 
-def _config(variant: str, size: int, option: str | None = None, value=None):
+def _config(variant: str, size: int, option: str | None = None, value=None, fixed: dict | None = None):
+    """The bench's config with `fixed` (--set, for both programs) and then option = value applied to config.model."""
     from resmobile_jax.bench.jax_side import bench_config
 
     config = bench_config(variant, size, "float32")
-    if option is None:
-        return config
-    if option not in config.model:
-        raise ValueError(f"unknown model option {option!r}; config.model has {', '.join(sorted(config.model))}")
-    config.model[option] = value
+    settings = dict(fixed or {})
+    if option is not None:
+        settings[option] = value
+    for key, v in settings.items():
+        if key not in config.model:
+            raise ValueError(f"unknown model option {key!r}; config.model has {', '.join(sorted(config.model))}")
+        config.model[key] = v
     return config
+
+
+def parse_settings(items: list[str]) -> dict:
+    """--set's key=value items as {key: value}."""
+    settings = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set takes key=value items, got {item!r}")
+        settings[key.strip()] = parse_value(text.strip())
+    return settings
 
 
 def eval_call(config, batch: int):
@@ -119,11 +134,12 @@ def report(option: str, times: dict[str, list[float]], title: str) -> str:
     return "\n".join(lines)
 
 
-def option_calls(make, option: str, values: list[str], variant: str, size: int, batch: int) -> dict:
+def option_calls(make, option: str, values: list[str], variant: str, size: int, batch: int,
+                 fixed: dict | None = None) -> dict:
     """{value: call} for two values of one config.model key."""
     calls = {}
     for text in values:
-        config = _config(variant, size, option, parse_value(text))
+        config = _config(variant, size, option, parse_value(text), fixed)
         print(f"compiling {option}={text} ...", flush=True)
         calls[text] = make(config, batch)
     return calls
@@ -132,7 +148,7 @@ def option_calls(make, option: str, values: list[str], variant: str, size: int, 
 KERNELS_PREFIX = "ab_"  # the other library's FFI targets are registered as ab_resmobile_...
 
 
-def kernel_calls(make, spec: str, variant: str, size: int, batch: int) -> dict:
+def kernel_calls(make, spec: str, variant: str, size: int, batch: int, fixed: dict | None = None) -> dict:
     """{spec: call running the kernels `spec` names, "this checkout": call running this checkout's}."""
     from resmobile_jax.models.kernels import cpu_kernels
 
@@ -141,20 +157,25 @@ def kernel_calls(make, spec: str, variant: str, size: int, batch: int) -> dict:
         source = kernel_source(spec, Path(workdir))
         print(f"building {spec}'s cpu_kernels.cc ...", flush=True)
         missing = cpu_kernels.register_library(source, KERNELS_PREFIX)
-    config = _config(variant, size)
+    config = _config(variant, size, fixed=fixed)
     calls, traced = {}, {}
     for name, prefix in ((spec, KERNELS_PREFIX), ("this checkout", "")):
         print(f"compiling with {name}'s kernels ...", flush=True)
         jax.clear_caches()  # nothing traced for one library may be reused for the other
         with cpu_kernels.targets_prefixed(prefix) as traced[name]:
-            calls[name] = make(config, batch)
+            try:
+                calls[name] = make(config, batch)
+            except Exception as e:  # XLA refuses to compile a call of an unregistered target
+                if lacking := sorted(traced[name] & set(missing)) if prefix else []:
+                    raise ValueError(
+                        f"{spec}'s cpu_kernels.cc has no {', '.join(lacking)}, which this checkout's model calls; "
+                        f"compare versions with the same FFI targets, or keep the model off the newer kernel with "
+                        f"--set (fuse_eval_bottleneck=False for resmobile_bottleneck_forward)") from e
+                raise
     if not traced[spec] or traced[spec] != traced["this checkout"]:
         raise RuntimeError(f"the two programs call different kernels ({sorted(traced[spec])} vs "
                            f"{sorted(traced['this checkout'])}): with these settings the model uses no C++ kernel, "
                            f"or a trace was reused")
-    if lacking := sorted(traced[spec] & set(missing)):
-        raise ValueError(f"{spec}'s cpu_kernels.cc has no {', '.join(lacking)}, which this checkout's model calls; "
-                         f"compare versions with the same FFI targets")
     return calls
 
 
@@ -174,13 +195,14 @@ def first_outputs(calls: dict, kernels: bool) -> dict:
 def main(argv):
     cli.start_command(argv)
     make = eval_call if FLAGS.mode == "eval" else train_call
+    fixed = parse_settings(FLAGS.set)
     if FLAGS.kernels:
-        calls = kernel_calls(make, FLAGS.kernels, FLAGS.variant, FLAGS.size, FLAGS.batch)
+        calls = kernel_calls(make, FLAGS.kernels, FLAGS.variant, FLAGS.size, FLAGS.batch, fixed)
         option = "kernels"
     else:
         if len(FLAGS.values) != 2:
             raise ValueError(f"--values takes two values, got {FLAGS.values}")
-        calls = option_calls(make, FLAGS.option, FLAGS.values, FLAGS.variant, FLAGS.size, FLAGS.batch)
+        calls = option_calls(make, FLAGS.option, FLAGS.values, FLAGS.variant, FLAGS.size, FLAGS.batch, fixed)
         option = FLAGS.option
     outputs = first_outputs(calls, kernels=bool(FLAGS.kernels))
     times = interleaved_times(calls, min_rounds=FLAGS.rounds, max_rounds=FLAGS.rounds, per_round=FLAGS.calls, warmup=2)
@@ -196,6 +218,8 @@ def define_flags() -> None:
     flags.DEFINE_list("values", ["False", "True"], "its two values (Python literals or plain strings), A then B")
     flags.DEFINE_string("kernels", "", "instead of --option: A runs this cpu_kernels.cc (a file, or a git revision of "
                                        "this repository), B this checkout's")
+    flags.DEFINE_list("set", [], "config.model settings for both programs, key=value,... (e.g. "
+                                 "fuse_eval_bottleneck=False to compare with kernels older than that kernel)")
     flags.DEFINE_enum("mode", "eval", ["eval", "train"], "eval: the embed function (uint8 images in); train: the train step")
     flags.DEFINE_string("variant", "v1", "v1 | v2")
     flags.DEFINE_integer("size", 224, "square input size")

@@ -207,7 +207,7 @@ class Bottleneck(nnx.Module):
     def __init__(
         self, inplanes: int, planes: int, *, pointwise_impl: PointwiseImpl = "matmul",
         batch_norm_impl: BatchNormImpl = "auto", dense_conv_impl: StemConvImpl = "auto", fuse_eval_bn: bool = True,
-        dtype=None, param_dtype=jnp.float32, rng: np.random.Generator,
+        fuse_eval_block: bool = True, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator,
     ):
         if inplanes != planes * self.expansion:
             raise ValueError(f"Bottleneck without downsample needs inplanes == 4 * planes, got {inplanes} and {planes}")
@@ -215,15 +215,16 @@ class Bottleneck(nnx.Module):
                   param_dtype=param_dtype, rng=rng)
         self.conv_bn1 = ConvBNAct(inplanes, planes, 1, activation="relu", **kw)
         # the 3x3 in eval mode: the C++ dense conv kernel with BN + ReLU unless dense_conv_impl is "xla"; with
-        # fuse_eval_bn the whole block is one kernel call (bottleneck_kernel)
+        # fuse_eval_bn and fuse_eval_block the whole block is one kernel call (bottleneck_kernel)
+        self.fuse_eval_block = fuse_eval_block
         self.conv_bn2 = ConvBNAct(planes, planes, 3, activation="relu", stem_conv_impl=dense_conv_impl,
                                   fuse_eval_bn=fuse_eval_bn, **kw)
         self.conv_bn3 = ConvBNAct(planes, inplanes, 1, activation="identity", **kw)
 
     def runs_as_one_kernel(self, x) -> bool:
-        """Eval mode (all three BNs on running statistics: the kernel folds them), the 3x3 as a C++ kernel with
-        `fuse_eval_bn`, and at least FUSED_BOTTLENECK_MIN_BATCH images."""
-        return (self.conv_bn2.runs_as_one_kernel(self.conv_bn2.conv.dtype or x.dtype)
+        """`fuse_eval_block`, eval mode (all three BNs on running statistics: the kernel folds them), the 3x3 as a
+        C++ kernel with `fuse_eval_bn`, and at least FUSED_BOTTLENECK_MIN_BATCH images."""
+        return (self.fuse_eval_block and self.conv_bn2.runs_as_one_kernel(self.conv_bn2.conv.dtype or x.dtype)
                 and self.conv_bn1.bn.use_running_average and self.conv_bn3.bn.use_running_average
                 and x.shape[0] >= FUSED_BOTTLENECK_MIN_BATCH)
 

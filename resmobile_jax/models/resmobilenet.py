@@ -44,6 +44,7 @@ class ResMobileNet(nnx.Module):
         stem_conv_impl: str = "auto",
         batch_norm_impl: str = "auto",
         fuse_eval_bn: bool = True,
+        fuse_eval_bottleneck: bool = True,
         fuse_train_bn: bool = True,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
@@ -69,7 +70,8 @@ class ResMobileNet(nnx.Module):
         )
         self.tail = nnx.List(
             [Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl,
-                        dense_conv_impl=stem_conv_impl, fuse_eval_bn=fuse_eval_bn, **kw) for _ in range(NUM_BOTTLENECKS)]
+                        dense_conv_impl=stem_conv_impl, fuse_eval_bn=fuse_eval_bn,
+                        fuse_eval_block=fuse_eval_bn and fuse_eval_bottleneck, **kw) for _ in range(NUM_BOTTLENECKS)]
         )
         self.head = EmbeddingHead(TAIL_CHANNELS, embedding_dim, **kw)
 
@@ -135,6 +137,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         stem_conv_impl=model_config.get("stem_conv_impl", "auto"),
         batch_norm_impl=model_config.get("batch_norm_impl", "auto"),
         fuse_eval_bn=bool(model_config.get("fuse_eval_bn", True)),
+        fuse_eval_bottleneck=bool(model_config.get("fuse_eval_bottleneck", True)),
         fuse_train_bn=bool(model_config.get("fuse_train_bn", True)),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),

@@ -216,7 +216,7 @@ def test_op_table_reads_the_ops_of_a_real_trace(tmp_path):
 
 
 def test_interleaved_timing_alternates_the_calls_and_the_ab_report_gives_their_ratio():
-    from resmobile_jax.bench.ab import parse_value, report
+    from resmobile_jax.bench.ab import parse_settings, parse_value, report
     from resmobile_jax.timing import interleaved_times, interleaved_timing
 
     order = []
@@ -235,6 +235,10 @@ def test_interleaved_timing_alternates_the_calls_and_the_ab_report_gives_their_r
     table = report("opt", {"A": [2.0, 2.0], "B": [1.0, 1.0]}, "title")
     assert "| B | 1.00 | 1.00-1.00 | 2 | 0.500x |" in table
     assert parse_value("True") is True and parse_value("shifted") == "shifted" and parse_value("3") == 3
+    assert parse_settings(["fuse_eval_bn=False", " depthwise_impl = shifted"]) == {"fuse_eval_bn": False,
+                                                                                  "depthwise_impl": "shifted"}
+    with pytest.raises(ValueError, match="key=value items, got 'fuse_eval_bn'"):
+        parse_settings(["fuse_eval_bn"])
 
 
 def test_op_table_names_the_cpp_kernels_of_a_real_trace(tmp_path):
@@ -306,6 +310,28 @@ def test_ab_command_names_kernels_that_take_other_arguments(tmp_path):
     assert out.returncode != 0
     assert "kernels failed on this checkout's calls; the two versions must take the same buffers and attributes" in out.stderr
     assert "stride vs strides" in out.stderr  # XLA's own diagnosis, passed on
+
+
+@pytest.mark.slow
+def test_ab_command_names_kernels_the_other_version_lacks(tmp_path):
+    """A version without the bottleneck kernel (its handler exported under another name): at 8 images the model
+    calls that kernel, and the command says so and how to keep the model off it; with that setting both run."""
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    source = cpu_kernels.SOURCE.read_text()
+    old = "XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileBottleneckForward,"
+    assert source.count(old) == 1
+    changed = tmp_path / "older.cc"
+    changed.write_text(source.replace(old, "XLA_FFI_DEFINE_HANDLER_SYMBOL(SomethingElse,"))
+    cmd = [sys.executable, "-m", "resmobile_jax.bench.ab", "--kernels", str(changed), "--variant", "v1", "--size", "64",
+           "--batch", "8", "--rounds", "1", "--calls", "1"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode != 0
+    assert "has no resmobile_bottleneck_forward, which this checkout's model calls" in out.stderr
+    assert "--set (fuse_eval_bottleneck=False" in out.stderr
+    out = subprocess.run(cmd + ["--set", "fuse_eval_bottleneck=False"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "| output | 4096 | 0 | 0 | 0 |" in out.stdout  # 8 x 512, the same kernels otherwise: bit for bit
 
 
 def test_kernel_source_reads_a_file_or_a_revision_of_the_repository(tmp_path):

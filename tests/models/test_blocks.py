@@ -189,3 +189,17 @@ def test_small_batches_and_batch_statistics_keep_the_bottleneck_as_xla_ops(rng):
     assert "@resmobile_bottleneck_forward(" in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH)
     block.conv_bn3.bn.use_running_average = False  # one BN on batch statistics: the kernel cannot fold it
     assert "bottleneck" not in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH)
+    block.conv_bn3.bn.use_running_average = True
+    block.fuse_eval_block = False  # config.model.fuse_eval_bottleneck=False
+    assert "bottleneck" not in lowered(blocks.FUSED_BOTTLENECK_MIN_BATCH)
+
+
+def test_the_bottleneck_fusion_follows_the_config():
+    from resmobile_jax.models import build_model
+
+    def tail_fused(**model):
+        return [b.fuse_eval_block for b in build_model(dict(variant="v1", embedding_dim=16, **model)).tail]
+
+    assert tail_fused() == [True] * 6
+    assert tail_fused(fuse_eval_bottleneck=False) == [False] * 6
+    assert tail_fused(fuse_eval_bn=False) == [False] * 6  # fuse_eval_bn off turns every eval fusion off

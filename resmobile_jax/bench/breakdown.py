@@ -168,20 +168,29 @@ def table(results: dict[str, dict]) -> str:
 TRACED_STEPS = 3
 
 
+def trace_and_print(call, hlo_text: str, directory: str) -> None:
+    """Traces TRACED_STEPS calls of `call` (one compiled program run to completion, warmed up here) into `directory`
+    and prints its op table, the C++ kernels named from the program's HLO (compiled outside the trace)."""
+    call()
+    with jax.profiler.trace(directory):
+        for _ in range(TRACED_STEPS):
+            call()
+    print(f"trace written to {directory}\n")
+    print(op_table(directory, TRACED_STEPS, targets=custom_call_targets(hlo_text)))
+
+
 def trace_train_steps(variant: str, size: int, batch: int, directory: str) -> None:
     from resmobile_jax.bench import jax_side
 
     step, state, data = jax_side.train_setup(jax_side.bench_config(variant, size, "float32"), batch)
-    leaves = step.leaves(state)
-    compiled = step.on_leaves.lower(leaves, data).compile()  # outside the trace; its HLO names the traced ops
-    leaves, metrics = compiled(leaves, data)
-    jax.block_until_ready(metrics)
-    with jax.profiler.trace(directory):
-        for _ in range(TRACED_STEPS):
-            leaves, metrics = compiled(leaves, data)
+    holder = [step.leaves(state)]
+    compiled = step.on_leaves.lower(holder[0], data).compile()
+
+    def call():
+        holder[0], metrics = compiled(holder[0], data)  # the state donated from step to step
         jax.block_until_ready(metrics)
-    print(f"trace written to {directory}\n")
-    print(op_table(directory, TRACED_STEPS, targets=custom_call_targets(compiled.as_text())))
+
+    trace_and_print(call, compiled.as_text(), directory)
 
 
 def trace_embed_calls(variant: str, size: int, batch: int, directory: str) -> None:
@@ -196,12 +205,7 @@ def trace_embed_calls(variant: str, size: int, batch: int, directory: str) -> No
     bound = make_embed_fn(graphdef, jnp.float32, parallel.data_mesh()).bind(params, batch_stats)
     images = np.random.default_rng(0).integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
     compiled = bound.jitted.lower(bound.leaves, images).compile()
-    jax.block_until_ready(compiled(bound.leaves, images))
-    with jax.profiler.trace(directory):
-        for _ in range(TRACED_STEPS):
-            jax.block_until_ready(compiled(bound.leaves, images))
-    print(f"trace written to {directory}\n")
-    print(op_table(directory, TRACED_STEPS, targets=custom_call_targets(compiled.as_text())))
+    trace_and_print(lambda: jax.block_until_ready(compiled(bound.leaves, images)), compiled.as_text(), directory)
 
 
 def main(argv):

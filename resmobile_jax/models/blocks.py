@@ -56,6 +56,13 @@ def se_channel_scale(pooled, weights):
     return hard_sigmoid(jax.nn.relu(pooled @ w1 + b1) @ w2 + b2)
 
 
+def folded_for_kernel(layer: ConvBNAct) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(kernel, BN scale, BN shift) of a conv + eval-mode BN for the fused kernels: a 1x1 kernel as its (Cin, Cout)
+    matrix, a k x k one as it is."""
+    w, scale, shift = layer.folded()
+    return (w.reshape(w.shape[-2:]) if w.shape[:2] == (1, 1) else w), scale, shift
+
+
 # Eval mode fuses an inverted residual into C++ kernel calls only where its expanded map is this big (bytes, float32):
 # there the saved passes over memory win. On small maps (64 px inputs, batch-1 latency) XLA's matmuls, which reuse
 # their weights over all pixels at once, were faster than the fused kernels' row-wise 1x1s (64 px batch 32: 16-19
@@ -128,12 +135,8 @@ class InvertedResidual(nnx.Module):
     def __call__(self, x):
         dtype = self.depthwise.conv.dtype or x.dtype
         if self.runs_as_kernels(x):
-            def pointwise(layer):  # (kernel as (Cin, Cout), BN scale, BN shift)
-                w, scale, shift = layer.folded()
-                return w.reshape(w.shape[-2:]), scale, shift
-
-            expand = None if self.expand is None else pointwise(self.expand)
-            project = pointwise(self.project)
+            expand = None if self.expand is None else folded_for_kernel(self.expand)
+            project = folded_for_kernel(self.project)
             se = None if self.se is None else self.se.weights(jnp.float32)
             return inverted_residual_kernel(self.depthwise.activation, self.spec.stride, self.depthwise.conv.padding,
                                             self.use_residual, x.astype(dtype), expand, self.depthwise.folded(), se,
@@ -230,11 +233,8 @@ class Bottleneck(nnx.Module):
 
     def __call__(self, x):
         if self.runs_as_one_kernel(x):
-            def folded(layer):  # (kernel, BN scale, BN shift), 1x1 kernels as (Cin, Cout)
-                w, scale, shift = layer.folded()
-                return (w.reshape(w.shape[-2:]) if w.shape[0] == 1 else w), scale, shift
-
-            return bottleneck_kernel(x.astype(jnp.float32), *map(folded, (self.conv_bn1, self.conv_bn2, self.conv_bn3)))
+            layers = (self.conv_bn1, self.conv_bn2, self.conv_bn3)
+            return bottleneck_kernel(x.astype(jnp.float32), *map(folded_for_kernel, layers))
         return jax.nn.relu(self.conv_bn3(self.conv_bn2(self.conv_bn1(x))) + x)
 
 

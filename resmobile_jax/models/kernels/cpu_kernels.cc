@@ -15,7 +15,7 @@
 //   BatchNorms, activations and the residual in one pass over rows (two around the squeeze-excitation's matmuls),
 //   with an own register-blocked 1x1 kernel (Pointwise1x1): unfused, the expanded and depthwise maps, the largest
 //   of the network, are each written to memory and read back by separate XLA ops.
-// - eval-mode ResNet bottlenecks (the tail), image by image on buffers in cache.
+// - eval-mode ResNet bottlenecks (the tail) in three passes over rows, their narrow inner maps staying in cache.
 // - training-mode BatchNorm + activation (batch statistics; forward and backward), and that BN + activation as a
 //   prologue of the depthwise forward and kernel-gradient passes (applied to each input row as it is read), so an
 //   inverted residual's expanded map is written once, before its BN, instead of also after it.
@@ -742,8 +742,9 @@ struct Padded {
 // The padded copy lives in a per-thread buffer that is kept and reused: a fresh 20 MB buffer per call (224 px,
 // batch 32) came from newly mapped memory every time: a third of the page faults of a 224 px forward pass.
 // A thread runs one custom call at a time, so the buffer is never shared; it keeps the largest size seen (32 images
-// at 224 px: 20 MB per XLA worker thread).
-Padded PadInput(ffi::ThreadPool& pool, const Geometry& g, const float* xd) {
+// at 224 px: 20 MB per XLA worker thread). fill_row(b, hi, dst) writes row hi of image b's input (W x C floats).
+template <typename FillRow>
+Padded PadRows(ffi::ThreadPool& pool, const Geometry& g, FillRow fill_row) {
   static thread_local std::unique_ptr<float[]> buffer;
   static thread_local int64_t capacity = 0;
   Padded out{nullptr, g.h + 2 * g.p, g.w + 2 * g.p};
@@ -767,11 +768,18 @@ Padded PadInput(ffi::ThreadPool& pool, const Geometry& g, const float* xd) {
         continue;
       }
       std::fill(dst, dst + g.p * g.c, 0.0f);
-      std::memcpy(dst + g.p * g.c, xd + (b * g.h + hi) * g.w * g.c, sizeof(float) * g.w * g.c);
+      fill_row(b, hi, dst + g.p * g.c);
       std::fill(dst + (g.p + g.w) * g.c, dst + row_floats, 0.0f);
     }
   });
   return out;
+}
+
+// The convolution's input x, copied.
+Padded PadInput(ffi::ThreadPool& pool, const Geometry& g, const float* xd) {
+  return PadRows(pool, g, [&](int64_t b, int64_t hi, float* dst) {
+    std::memcpy(dst, xd + (b * g.h + hi) * g.w * g.c, sizeof(float) * g.w * g.c);
+  });
 }
 
 // The weights' output-channel blocks of width W (8V) as panels, each (K*K*Cin, W) contiguous. Read from w itself, a
@@ -1014,29 +1022,14 @@ ffi::Error BottleneckForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
   if (auto e = MakeEpilogue(scale2, shift2, kRelu, planes, &epi2); e.failure()) return e;
   const Geometry g{n, h, w, planes, 3, 1, 1, h, w};  // conv2
   const DenseWeights w2_panels = MakeDenseWeights(g, w2.typed_data(), planes);
-  // conv1's output, zero-padded (+ the 8 pixels a last partial block of DenseForwardBlocked reads past the end),
-  // then conv2's output.
-  const Padded xp{nullptr, h + 2, w + 2};
-  const int64_t padded_row = xp.wp * planes, tail = 8 * planes;
-  std::unique_ptr<float[]> padded(new float[n * xp.hp * padded_row + tail]), mid(new float[n * h * w * planes]);
-  std::fill(padded.get() + n * xp.hp * padded_row, padded.get() + n * xp.hp * padded_row + tail, 0.0f);
-  const Padded a{padded.get(), xp.hp, xp.wp};
   const float* xd = x.typed_data();
   float* yd = y->typed_data();
-  const int64_t pieces = Pieces(pool);
-  ParallelFor(pool, n * xp.hp, pieces, [&](int64_t begin, int64_t end, int64_t) {
-    for (int64_t prow = begin; prow < end; ++prow) {
-      const int64_t b = prow / xp.hp, r = prow % xp.hp - 1;
-      float* dst = padded.get() + prow * padded_row;
-      if (r < 0 || r >= h) {
-        std::fill(dst, dst + padded_row, 0.0f);
-        continue;
-      }
-      std::fill(dst, dst + planes, 0.0f);
-      std::fill(dst + (w + 1) * planes, dst + padded_row, 0.0f);
-      Pointwise1x1(reduce, xd + (b * h + r) * w * c, w, nullptr, dst + planes);
-    }
+  // conv1's rows written straight into conv2's zero-padded input, as the stems' convs pad theirs.
+  const Padded a = PadRows(pool, g, [&](int64_t b, int64_t r, float* dst) {
+    Pointwise1x1(reduce, xd + (b * h + r) * w * c, w, nullptr, dst);
   });
+  std::unique_ptr<float[]> mid(new float[n * h * w * planes]);  // conv2's output
+  const int64_t pieces = Pieces(pool);
   ParallelFor(pool, n * h, pieces, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t row = begin; row < end; ++row) DenseForwardRow(g, planes, a, w2_panels, epi2, row, mid.get() + row * w * planes);
   });
@@ -1045,11 +1038,8 @@ ffi::Error BottleneckForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     float* out = yd + begin * w * c;
     Pointwise1x1(restore, mid.get() + begin * w * planes, rows * w, xd + begin * w * c, out);  // bn3(conv3(.)) + x
     int64_t i = 0;
-    for (; i + 8 <= count; i += 8) {
-      const Vec8 v = Load<Vec8>(out + i);
-      Store<Vec8>(out + i, v > Vec8{} ? v : Vec8{});
-    }
-    for (; i < count; ++i) out[i] = std::max(out[i], 0.0f);
+    for (; i + 8 <= count; i += 8) Store<Vec8>(out + i, Activate<kRelu>(Load<Vec8>(out + i)));
+    for (; i < count; ++i) out[i] = Activate<kRelu>(out[i]);
   });
   return ffi::Error::Success();
 }

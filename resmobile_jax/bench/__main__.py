@@ -182,6 +182,7 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
     lines = [
         "# JAX vs PyTorch reference — `python -m resmobile_jax.bench`", "",
         f"- command: `{env['command']}`",
+        *([] if env.get("complete", True) else ["- **incomplete run**: the measurements made before the run stopped"]),
         f"- machine: {env['device']}; peak {_fmt(env.get('measured_peak_gflops'))} GFLOP/s measured "
         f"({env.get('measured_peak_gflops_how', 'not measured')}), nominal {_fmt(env['peak_gflops'])} "
         f"({env['peak_gflops_how']})",
@@ -233,11 +234,30 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(out: str, json_path: str, env: dict, rows: list[dict], details: dict, extras: dict, complete: bool) -> str:
+    """Writes the Markdown report to `out` and the records to `json_path` (either may be ""), and returns the report.
+    Called after every stage, so that a stage that fails (a kNN run out of memory, a killed run) leaves the
+    measurements made before it on disk, marked incomplete."""
+    env = {**env, "complete": complete}
+    report = markdown(env, rows, extras)
+    for path, text in ((out, report), (json_path, json.dumps({"environment": env, "records": rows, "details": details,
+                                                              "extras": extras}, indent=1, default=float) + "\n")):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text)
+    return report
+
+
 def main(argv):
     del argv
     cli.quiet_logging()
     import jax
 
+    pipeline_images = None
+    if FLAGS.pipeline:  # before minutes of model timing: missing data fails now, not at the end
+        from resmobile_jax.bench import data_and_search
+
+        pipeline_images = data_and_search.default_train_images()
     dtype = FLAGS.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
     env = environment()
     env["dtype"] = dtype
@@ -248,33 +268,27 @@ def main(argv):
             r, d = measure_model(variant, size, dtype)
             rows += r
             details[f"{variant}_{size}"] = d
+            save(FLAGS.out, FLAGS.json, env, rows, details, extras, complete=False)
     if FLAGS.pipeline:
         from configs.base import get_base_config
-        from resmobile_jax.bench import data_and_search, jax_side
+        from resmobile_jax.bench import jax_side
 
         base = get_base_config("v1", "cpu")
         size, batch = int(base.model.input_size), int(base.data.batch_size)
         print("input pipeline ...", flush=True)
-        extras["pipeline"] = data_and_search.input_pipeline(size, batch, jpeg_size=224, jpeg_batch=FLAGS.train_batch)
+        extras["pipeline"] = data_and_search.input_pipeline(pipeline_images, size, batch, jpeg_size=224,
+                                                            jpeg_batch=FLAGS.train_batch)
         extras["default_train"] = {}
         for variant in FLAGS.variants:
             print(f"[{variant}] train step at the default run's settings ({size} px, batch {batch}) ...", flush=True)
             extras["default_train"][variant] = jax_side.train(jax_side.bench_config(variant, size, dtype), batch, FLAGS.budget)
+        save(FLAGS.out, FLAGS.json, env, rows, details, extras, complete=False)
     if FLAGS.knn_gallery:
         from resmobile_jax.bench import data_and_search
 
         print(f"kNN over {FLAGS.knn_gallery:,} items ...", flush=True)
         extras["knn"] = data_and_search.knn_throughput(FLAGS.knn_gallery, min(FLAGS.knn_queries, FLAGS.knn_gallery))
-    report = markdown(env, rows, extras)
-    print("\n" + report)
-    if FLAGS.out:
-        Path(FLAGS.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(FLAGS.out).write_text(report)
-    if FLAGS.json:
-        Path(FLAGS.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(FLAGS.json).write_text(json.dumps({"environment": env, "records": rows, "details": details, "extras": extras},
-                                               indent=1, default=float) + "\n")
-
+    print("\n" + save(FLAGS.out, FLAGS.json, env, rows, details, extras, complete=True))
 
 if __name__ == "__main__":
     cli.run(main)

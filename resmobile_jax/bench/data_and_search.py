@@ -11,6 +11,7 @@ import numpy as np
 
 from resmobile_jax.data.pipeline import TrainBatches
 from resmobile_jax.data.preprocess import Preprocess
+from resmobile_jax.data.idx import DatasetError
 from resmobile_jax.data.sources import ImageSet, fashion_mnist, folder
 
 
@@ -38,10 +39,19 @@ def write_jpeg_folder(root: Path, source: ImageSet, per_class: int, size: int) -
     return root
 
 
-def input_pipeline(default_size: int, default_batch: int, jpeg_size: int, jpeg_batch: int = 32, steps: int = 20) -> dict:
-    """Pipeline throughput on the embedded default data at the default settings, and on a folder of JPEGs (at the
-    bench's train-step size and batch, so the two compare)."""
-    train = fashion_mnist("train")
+def default_train_images() -> ImageSet:
+    """The embedded default data's training split (Fashion-MNIST); a DatasetError saying how to install it, or to run
+    the bench with --pipeline=false, when it is missing."""
+    try:
+        return fashion_mnist("train")
+    except DatasetError as e:
+        raise DatasetError(f"{e}. Or run the bench with --pipeline=false to skip the input-pipeline measurement.") from e
+
+
+def input_pipeline(train: ImageSet, default_size: int, default_batch: int, jpeg_size: int, jpeg_batch: int = 32,
+                   steps: int = 20) -> dict:
+    """Pipeline throughput on the embedded default data (`train`) at the default settings, and on a folder of JPEGs
+    (at the bench's train-step size and batch, so the two compare)."""
     out = {"fashion_mnist": {"size": default_size, "batch": default_batch,
                              "images_per_second": pipeline_images_per_second(train, default_size, default_batch, steps)}}
     with tempfile.TemporaryDirectory() as tmp:

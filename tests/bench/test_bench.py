@@ -14,6 +14,7 @@ from PIL import Image
 from resmobile_jax.bench.__main__ import record
 from resmobile_jax.bench.data_and_search import knn_throughput, pipeline_images_per_second, write_jpeg_folder
 from resmobile_jax.bench.system import PeakRSS, cpu_peak_gflops, measured_peak_gflops, usable_cores
+from resmobile_jax.data.idx import DatasetError
 from resmobile_jax.data.sources import fashion_mnist, folder
 
 
@@ -123,6 +124,36 @@ def test_knn_throughput_extrapolates_to_the_whole_gallery():
     assert r["all_vs_all_seconds"] == pytest.approx(6 * r["seconds"])
 
 
+def test_a_stage_that_fails_leaves_the_earlier_measurements_on_disk_marked_incomplete(tmp_path):
+    """The bench saves after every stage: a partial save is a valid report and JSON that say the run is incomplete;
+    the final save says nothing of the kind."""
+    from resmobile_jax.bench.__main__ import save
+
+    rows = [record("v1", 64, "inference latency, batch 1 (median)", "ms", 2.0, 6.0)]
+    out, js = tmp_path / "r" / "b.md", tmp_path / "r" / "b.json"
+    save(str(out), str(js), report_env(), rows, {}, {}, complete=False)
+    assert "**incomplete run**" in out.read_text() and "| v1 | 64 | inference latency, batch 1 (median) | ms |" in out.read_text()
+    data = json.loads(js.read_text())
+    assert data["environment"]["complete"] is False and data["records"] == rows
+    report = save(str(out), "", report_env(), rows, {}, {}, complete=True)
+    assert report == out.read_text() and "incomplete" not in report
+
+
+def test_missing_default_data_is_named_before_the_bench_starts(monkeypatch):
+    """Without Fashion-MNIST the input-pipeline stage cannot run: the bench fails at its start (not after minutes of
+    model timing) with the install command and the flag that skips that stage."""
+    from resmobile_jax.bench import data_and_search
+    from resmobile_jax.data import sources
+
+    def tfds_has_none(*args, **kwargs):
+        raise DatasetError("TFDS could not prepare 'fashion_mnist' (offline)")
+
+    monkeypatch.setattr(sources, "DEBIAN_DIR", "/nonexistent/fashion-mnist")
+    monkeypatch.setattr(sources, "tfds_split", tfds_has_none)
+    with pytest.raises(DatasetError, match=r"apt-get install dataset-fashion-mnist.*--pipeline=false"):
+        data_and_search.default_train_images()
+
+
 def run_bench(tmp_path, *flags: str) -> tuple[dict, str]:
     """`python -m resmobile_jax.bench` on V1 at 32 px without the pipeline measurement: (its JSON, its Markdown)."""
     out = subprocess.run([sys.executable, "-m", "resmobile_jax.bench", "--variants", "v1", "--sizes", "32", "--nopipeline",
@@ -148,7 +179,7 @@ def test_bench_command_end_to_end(tmp_path):
         assert detail[key]["jax"]["repeats"] == detail[key]["pytorch"]["repeats"] >= 3
     assert f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:.1f}" in md or \
         f"| v1 | 32 | training throughput, batch 8 | img/s | {train['jax']:,.0f}" in md
-    assert "2,000 x 512 gallery" in md and data["environment"]["jax"] in md
+    assert "2,000 x 512 gallery" in md and data["environment"]["jax"] in md and data["environment"]["complete"]
     memory = rows["device memory, training (JAX: the step's XLA buffer assignment; PyTorch: CUDA peak)"]
     # 3.1M parameters, their AdamW moments and EMA (~50 MB in float32) plus activations; no CUDA, no PyTorch figure
     assert 50 < memory["jax"] < 2000 and memory["pytorch"] is None

@@ -3,6 +3,7 @@ process, calls interleaved.
 
     python -m resmobile_jax.bench.ab --option fuse_eval_bn --values False,True --mode eval --variant v1 --size 224
     python -m resmobile_jax.bench.ab --kernels c5a1ee9 --mode eval --variant v2 --size 224   # a commit's cpu_kernels.cc
+    python -m resmobile_jax.bench.ab --kernels resmobile_jax/models/kernels/cpu_kernels.cc --kernel_flags=-mno-avx512f
 
 On a shared 2-core machine two separate runs of the same program differ by 20-40%; a few percent from one setting
 shows only when both run in the same process, on the same inputs, alternating (A B, B A, ...). Both programs are
@@ -148,15 +149,17 @@ def option_calls(make, option: str, values: list[str], variant: str, size: int, 
 KERNELS_PREFIX = "ab_"  # the other library's FFI targets are registered as ab_resmobile_...
 
 
-def kernel_calls(make, spec: str, variant: str, size: int, batch: int, fixed: dict | None = None) -> dict:
-    """{spec: call running the kernels `spec` names, "this checkout": call running this checkout's}."""
+def kernel_calls(make, spec: str, variant: str, size: int, batch: int, fixed: dict | None = None,
+                 compile_flags: tuple[str, ...] = ()) -> dict:
+    """{spec: call running the kernels `spec` names (built with `compile_flags` added), "this checkout": call
+    running this checkout's}."""
     from resmobile_jax.models.kernels import cpu_kernels
 
     cpu_kernels.require()
     with tempfile.TemporaryDirectory() as workdir:
         source = kernel_source(spec, Path(workdir))
-        print(f"building {spec}'s cpu_kernels.cc ...", flush=True)
-        missing = cpu_kernels.register_library(source, KERNELS_PREFIX)
+        print(f"building {spec}'s cpu_kernels.cc {' '.join(compile_flags)}...", flush=True)
+        missing = cpu_kernels.register_library(source, KERNELS_PREFIX, compile_flags)
     config = _config(variant, size, fixed=fixed)
     calls, traced = {}, {}
     for name, prefix in ((spec, KERNELS_PREFIX), ("this checkout", "")):
@@ -197,7 +200,8 @@ def main(argv):
     make = eval_call if FLAGS.mode == "eval" else train_call
     fixed = parse_settings(FLAGS.set)
     if FLAGS.kernels:
-        calls = kernel_calls(make, FLAGS.kernels, FLAGS.variant, FLAGS.size, FLAGS.batch, fixed)
+        calls = kernel_calls(make, FLAGS.kernels, FLAGS.variant, FLAGS.size, FLAGS.batch, fixed,
+                             tuple(FLAGS.kernel_flags))
         option = "kernels"
     else:
         if len(FLAGS.values) != 2:
@@ -218,6 +222,8 @@ def define_flags() -> None:
     flags.DEFINE_list("values", ["False", "True"], "its two values (Python literals or plain strings), A then B")
     flags.DEFINE_string("kernels", "", "instead of --option: A runs this cpu_kernels.cc (a file, or a git revision of "
                                        "this repository), B this checkout's")
+    flags.DEFINE_list("kernel_flags", [], "compiler flags added to --kernels' build (e.g. -mno-avx512f: that version "
+                                         "at AVX2 width on an AVX-512 CPU)")
     flags.DEFINE_list("set", [], "config.model settings for both programs, key=value,... (e.g. "
                                  "fuse_eval_bottleneck=False to compare with kernels older than that kernel)")
     flags.DEFINE_enum("mode", "eval", ["eval", "train"], "eval: the embed function (uint8 images in); train: the train step")

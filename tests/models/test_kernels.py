@@ -62,3 +62,29 @@ def test_another_version_of_the_kernels_runs_beside_this_one(tmp_path, monkeypat
             differing = ours != theirs
             assert 0 < differing.sum() < differing.size
             np.testing.assert_allclose(theirs, ours, rtol=3e-7, atol=1e-7)
+
+
+def _cpu_has(flag: str) -> bool:
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    return info.is_file() and any(line.startswith("flags") and flag in line.split() for line in info.read_text().splitlines())
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _cpu_has("avx512f"), reason="the 16-lane paths exist only on an AVX-512 CPU")
+@pytest.mark.parametrize("variant", ["v1", "v2"])
+def test_avx512_and_avx2_builds_embed_bit_identically(variant):
+    """On AVX-512 the eval kernels run 16 channels per instruction (8 for what is left); each output channel's sum
+    is still the same chain of multiply-adds, so the whole embedding must not change by one bit against the same
+    source built at AVX2 width. 224 px, batch 8: every fused path (stems, inverted residuals with and without SE,
+    the tail's bottlenecks) and every panel width (32, 16, 8 channels and the widths 24, 40, 72, 120, 184, 200
+    leave) runs."""
+    import numpy as np
+
+    from resmobile_jax.bench.ab import eval_call, kernel_calls
+
+    calls = kernel_calls(eval_call, str(cpu_kernels.SOURCE), variant, 224, 8, compile_flags=("-mno-avx512f",))
+    avx2, native = (np.asarray(call()) for call in calls.values())
+    assert native.shape == (8, 512) and np.all(np.isfinite(native))
+    np.testing.assert_array_equal(native, avx2)

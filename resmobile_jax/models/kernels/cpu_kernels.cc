@@ -110,6 +110,17 @@ void ParallelSum(ffi::ThreadPool& pool, int64_t rows, int64_t size, float* out, 
 }
 
 typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // unaligned, may alias float
+// The widest vector the CPU has (the library is compiled with -march=native): on AVX-512 CPUs the multiply-add
+// loops of the eval-mode 1x1 convolutions, the dense convolutions and the depthwise lines run 16 channels per
+// instruction, 8-channel vectors covering what is left (the network's widths are multiples of 8, not of 16).
+// Each output channel's sum is the same chain of multiply-adds at either width, so outputs are bit-identical.
+#ifdef __AVX512F__
+typedef float VecW __attribute__((vector_size(64), aligned(4), may_alias));
+#else
+typedef Vec8 VecW;
+#endif
+template <typename V> constexpr int64_t kLanesOf = sizeof(V) / sizeof(float);
+constexpr int64_t kWide = sizeof(VecW) / sizeof(float);
 
 // The three depthwise passes share one inner routine: along one line of outputs (an output row in the forward pass,
 // one column class of an input row in the input gradient), out[m] = sum over taps t of in_t[a*m + col_t] * w_t,
@@ -128,7 +139,12 @@ struct Tap {
 template <typename V> inline V Load(const float* p) { V v; std::memcpy(&v, p, sizeof(V)); return v; }
 template <typename V> inline void Store(float* p, V v) { std::memcpy(p, &v, sizeof(V)); }
 // (Not Vec8{} + s: adding the zero vector is kept, -0.0 + 0.0 being +0.0, and costs an add per broadcast.)
-inline Vec8 Broadcast(float s) { return Vec8{s, s, s, s, s, s, s, s}; }
+// (A loop over the lanes compiled to lane-by-lane inserts: the 1x1 convolutions ran 2-3x slower.)
+template <typename V = Vec8>
+inline V Broadcast(float s) {
+  if constexpr (kLanesOf<V> == 8) return V{s, s, s, s, s, s, s, s};
+  else return V{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
+}
 
 // [lo, hi): the outputs m in [0, count) whose input columns a*m + col_min .. a*m + col_max all lie in [0, in_w).
 inline std::pair<int64_t, int64_t> InBoundsOutputs(int64_t col_min, int64_t col_max, int64_t a, int64_t in_w,
@@ -165,11 +181,11 @@ inline void SumPixels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64
 // Blocks of fewer than 8 pixels take several channel vectors at once, so that there are still up to 8 independent
 // sums: one pixel and one vector at a time waited on the multiply-add latency (4 cycles) at every tap, and on 7x7
 // maps with a 5x5 kernel every output is such a pixel (2 edge outputs each side, 3 inside: too few for a block).
-template <int Q, int NV, bool kChecked>
+template <int Q, int NV, bool kChecked, typename V = VecW>
 inline int64_t SumChannelBlocks(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m,
                                 int64_t ch, float* out, int64_t out_stride) {
-  for (; ch + 8 * NV <= C; ch += 8 * NV)
-    SumPixels<Vec8, Q, NV, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  for (; ch + kLanesOf<V> * NV <= C; ch += kLanesOf<V> * NV)
+    SumPixels<V, Q, NV, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
   return ch;
 }
 
@@ -183,6 +199,7 @@ inline void SumPixelsAllChannels(const Tap* taps, int64_t n, int64_t a, int64_t 
   }
   if constexpr (Q < 8) ch = SumChannelBlocks<Q, 2, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
   ch = SumChannelBlocks<Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  if constexpr (kWide > 8) ch = SumChannelBlocks<Q, 1, kChecked, Vec8>(taps, n, a, in_w, C, m, ch, out, out_stride);
   for (; ch < C; ++ch) SumPixels<float, Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
 }
 
@@ -273,8 +290,11 @@ struct Pointwise {
   Epilogue bn;  // its BatchNorm (scale, shift per output channel) and activation
 };
 
-// The panels' widths: 16, then 8, then what is left.
-inline int64_t PanelWidth(int64_t c, int64_t N) { return N - c >= 16 ? 16 : N - c >= 8 ? 8 : N - c; }
+// The panels' widths: two wide vectors, then one, then 8 (on AVX-512: 32, 16, 8), then what is left.
+inline int64_t PanelWidth(int64_t c, int64_t N) {
+  const int64_t rest = N - c;
+  return rest >= 2 * kWide ? 2 * kWide : rest >= kWide ? kWide : rest >= 8 ? 8 : rest;
+}
 
 // The panel of channels [c, c + PanelWidth(c)) into dst (cin x width); with `row_scale`, row k of w is multiplied
 // by row_scale[k] (a per-channel scale of the 1x1 convolution's input, folded into its weights).
@@ -295,27 +315,28 @@ void PackPanels(Pointwise* pw, std::vector<float>* storage) {
   pw->panels = storage->data();
 }
 
-// Output channels [c0, c0 + 8 NV) of Q pixels; `panel` is those channels' panel, (cin, 8 NV).
-template <int Q, int NV, int64_t kAct>
+// Output channels [c0, c0 + L NV) of Q pixels, L = V's lanes; `panel` is those channels' panel, (cin, L NV).
+template <typename V, int Q, int NV, int64_t kAct>
 inline void PointwiseBlock(const Pointwise& pw, const float* panel, const float* in, const float* add, float* out,
                            int64_t c0) {
+  constexpr int64_t L = kLanesOf<V>;
   const int64_t K = pw.cin, N = pw.cout;
-  Vec8 acc[Q][NV] = {};
+  V acc[Q][NV] = {};
   for (int64_t k = 0; k < K; ++k) {
-    Vec8 wv[NV];
-    for (int v = 0; v < NV; ++v) wv[v] = Load<Vec8>(panel + k * 8 * NV + 8 * v);
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = Load<V>(panel + k * L * NV + L * v);
     for (int u = 0; u < Q; ++u) {
-      const Vec8 xv = Broadcast(in[u * K + k]);
+      const V xv = Broadcast<V>(in[u * K + k]);
       for (int v = 0; v < NV; ++v) acc[u][v] += xv * wv[v];
     }
   }
   for (int v = 0; v < NV; ++v) {
-    const int64_t c = c0 + 8 * v;
-    const Vec8 scale = Load<Vec8>(pw.bn.scale + c), shift = Load<Vec8>(pw.bn.shift + c);
+    const int64_t c = c0 + L * v;
+    const V scale = Load<V>(pw.bn.scale + c), shift = Load<V>(pw.bn.shift + c);
     for (int u = 0; u < Q; ++u) {
-      Vec8 t = Activate<kAct>(acc[u][v] * scale + shift);
-      if (add != nullptr) t += Load<Vec8>(add + u * N + c);
-      Store<Vec8>(out + u * N + c, t);
+      V t = Activate<kAct>(acc[u][v] * scale + shift);
+      if (add != nullptr) t += Load<V>(add + u * N + c);
+      Store<V>(out + u * N + c, t);
     }
   }
 }
@@ -325,7 +346,7 @@ inline void PointwiseBlock(const Pointwise& pw, const float* panel, const float*
 // latency).
 inline int NextBlock(int64_t rest) { return rest >= 9 ? 6 : rest >= 7 ? 4 : static_cast<int>(rest); }
 
-template <int NV, int64_t kAct>
+template <typename V, int NV, int64_t kAct>
 void PointwisePixels(const Pointwise& pw, const float* panel, int64_t c, const float* in, int64_t pixels,
                      const float* add, float* out) {
   const int64_t K = pw.cin, N = pw.cout;
@@ -333,12 +354,12 @@ void PointwisePixels(const Pointwise& pw, const float* panel, int64_t c, const f
     const int q = NextBlock(pixels - m);
     const float* a = add == nullptr ? nullptr : add + m * N;
     switch (q) {
-      case 6: PointwiseBlock<6, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
-      case 5: PointwiseBlock<5, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
-      case 4: PointwiseBlock<4, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
-      case 3: PointwiseBlock<3, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
-      case 2: PointwiseBlock<2, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
-      default: PointwiseBlock<1, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 6: PointwiseBlock<V, 6, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 5: PointwiseBlock<V, 5, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 4: PointwiseBlock<V, 4, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 3: PointwiseBlock<V, 3, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      case 2: PointwiseBlock<V, 2, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
+      default: PointwiseBlock<V, 1, NV, kAct>(pw, panel, in + m * K, a, out + m * N, c); break;
     }
     m += q;
   }
@@ -349,8 +370,9 @@ template <int64_t kAct>
 void PointwisePanel(const Pointwise& pw, const float* panel, int64_t c, const float* in, int64_t pixels,
                     const float* add, float* out) {
   const int64_t K = pw.cin, N = pw.cout, width = PanelWidth(c, N);
-  if (width == 16) return PointwisePixels<2, kAct>(pw, panel, c, in, pixels, add, out);
-  if (width == 8) return PointwisePixels<1, kAct>(pw, panel, c, in, pixels, add, out);
+  if (width == 2 * kWide) return PointwisePixels<VecW, 2, kAct>(pw, panel, c, in, pixels, add, out);
+  if (width == kWide) return PointwisePixels<VecW, 1, kAct>(pw, panel, c, in, pixels, add, out);
+  if (width == 8) return PointwisePixels<Vec8, 1, kAct>(pw, panel, c, in, pixels, add, out);
   for (int64_t m = 0; m < pixels; ++m) {  // a last panel narrower than 8
     for (int64_t l = 0; l < width; ++l) {
       float sum = 0.0f;
@@ -585,7 +607,7 @@ ffi::Error SeProjectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::
   const float* xp = x.element_count() != 0 ? x.typed_data() : nullptr;
   float* yp = y->typed_data();
   ParallelFor(pool, n * panels, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
-    std::vector<float> panel(c * 16);
+    std::vector<float> panel(c * 2 * kWide);  // the widest panel
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / panels, c0 = panel_start[task % panels];
       PackPanel(pw, c0, sp + b * c, panel.data());
@@ -795,35 +817,32 @@ std::vector<float> PackDensePanels(const float* wd, int64_t taps, int64_t co, in
   return panels;
 }
 
-// Output row `row` (b * Ho + r) into out (Wo x Cout), from the panels of width 8V. In one kernel row i the taps
-// (j, c) are K*Cin consecutive floats of the padded input row (jc = j*Cin + c), so they run as one loop.
-template <int V, int Q>
+// Output row `row` (b * Ho + r) into out (Wo x Cout), from the panels of width W = NV vectors Vec. In one kernel
+// row i the taps (j, c) are K*Cin consecutive floats of the padded input row (jc = j*Cin + c), so they run as one loop.
+template <typename Vec, int NV, int Q>
 void DenseForwardBlocked(const Geometry& g, int64_t co, const Padded& xp, const float* panels, int64_t row,
                          float* yrow) {
-  constexpr int64_t W = 8 * V;
+  constexpr int64_t L = kLanesOf<Vec>, W = L * NV;
   const int64_t kc = g.k * g.c, step = g.s * g.c;
   const int64_t b = row / g.ho, r = row % g.ho;
   for (int64_t o0 = 0; o0 < co; o0 += W) {
     const float* panel = panels + o0 * g.k * kc;
     for (int64_t q0 = 0; q0 < g.wo; q0 += Q) {
-      Vec8 acc[Q][V];
-      for (int u = 0; u < Q; ++u)
-        for (int t = 0; t < V; ++t) acc[u][t] = Vec8{};
+      Vec acc[Q][NV] = {};
       for (int64_t i = 0; i < g.k; ++i) {
         const float* x0 = xp.data + (b * xp.hp + r * g.s + i) * xp.wp * g.c + q0 * step;
         const float* wi = panel + i * kc * W;
         for (int64_t jc = 0; jc < kc; ++jc) {
-          const Vec8* wc = reinterpret_cast<const Vec8*>(wi + jc * W);
+          Vec wc[NV];
+          for (int t = 0; t < NV; ++t) wc[t] = Load<Vec>(wi + jc * W + t * L);
           for (int u = 0; u < Q; ++u) {
             const float xv = x0[u * step + jc];  // past the row's end in a last partial block (discarded)
-            for (int t = 0; t < V; ++t) acc[u][t] += xv * wc[t];
+            for (int t = 0; t < NV; ++t) acc[u][t] += xv * wc[t];
           }
         }
       }
-      for (int u = 0; u < Q && q0 + u < g.wo; ++u) {
-        Vec8* out = reinterpret_cast<Vec8*>(yrow + (q0 + u) * co + o0);
-        for (int t = 0; t < V; ++t) out[t] = acc[u][t];
-      }
+      for (int u = 0; u < Q && q0 + u < g.wo; ++u)
+        for (int t = 0; t < NV; ++t) Store<Vec>(yrow + (q0 + u) * co + o0 + t * L, acc[u][t]);
     }
   }
 }
@@ -849,10 +868,14 @@ void DenseForwardPlain(const Geometry& g, int64_t co, const Padded& xp, const fl
   }
 }
 
-// The vector width of DenseForwardBlocked for Cout: 6 pixels x 16 channels (12 sums, 2 weight vectors and a
-// broadcast: 15 of the 16 AVX registers) also for 64 outputs: 3 x 32 (12 sums + 4 weight vectors) spilled and ran
-// V2's 7x7 stem at half the speed (67 vs 127-157 GFLOP/s, 224 px, batch 32). 0: the plain loop.
-inline int DenseVectors(int64_t co) { return co % 16 == 0 ? 2 : co % 8 == 0 ? 1 : 0; }
+// The panel width of DenseForwardBlocked for Cout: 6 pixels x 2 vectors (12 sums, 2 weight vectors and a
+// broadcast: 15 of AVX2's 16 registers) also for 64 outputs: 3 x 4 vectors (12 sums + 4 weight vectors) spilled and
+// ran V2's 7x7 stem at half the speed (67 vs 127-157 GFLOP/s, 224 px, batch 32). 0: the plain loop.
+inline int64_t DensePanelWidth(int64_t co) {
+  for (int64_t w : {2 * kWide, kWide, int64_t{16}, int64_t{8}})
+    if (co % w == 0) return w;
+  return 0;
+}
 
 // The weights as one output row reads them: panels for the blocked kernel, w itself for the plain loop.
 struct DenseWeights {
@@ -862,18 +885,19 @@ struct DenseWeights {
 };
 
 DenseWeights MakeDenseWeights(const Geometry& g, const float* wd, int64_t co) {
-  const int v = DenseVectors(co);
-  return {wd, v == 0 ? std::vector<float>() : PackDensePanels(wd, g.k * g.k * g.c, co, 8 * v)};
+  const int64_t width = DensePanelWidth(co);
+  return {wd, width == 0 ? std::vector<float>() : PackDensePanels(wd, g.k * g.k * g.c, co, width)};
 }
 
 // One output row of the convolution, then the epilogue while it is in cache.
 void DenseForwardRow(const Geometry& g, int64_t co, const Padded& xp, const DenseWeights& w, const Epilogue& epi,
                      int64_t row, float* yrow) {
-  switch (DenseVectors(co)) {
-    case 2: DenseForwardBlocked<2, 6>(g, co, xp, w.data(), row, yrow); break;
-    case 1: DenseForwardBlocked<1, 8>(g, co, xp, w.data(), row, yrow); break;
-    default: DenseForwardPlain(g, co, xp, w.data(), row, yrow);
-  }
+  const int64_t width = DensePanelWidth(co);
+  if (width == 2 * kWide) DenseForwardBlocked<VecW, 2, 6>(g, co, xp, w.data(), row, yrow);
+  else if (width == kWide) DenseForwardBlocked<VecW, 1, 8>(g, co, xp, w.data(), row, yrow);
+  else if (width == 16) DenseForwardBlocked<Vec8, 2, 6>(g, co, xp, w.data(), row, yrow);
+  else if (width == 8) DenseForwardBlocked<Vec8, 1, 8>(g, co, xp, w.data(), row, yrow);
+  else DenseForwardPlain(g, co, xp, w.data(), row, yrow);
   ApplyEpilogue(epi, yrow, yrow, g.wo, co);
 }
 

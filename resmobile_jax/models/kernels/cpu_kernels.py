@@ -81,29 +81,30 @@ def _cpu_signature() -> str:
     return platform.machine() + "|" + "|".join(lines)
 
 
-def library_path(compiler: str, source: Path = SOURCE) -> Path:
+def library_path(compiler: str, source: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
     import jaxlib
 
     key = hashlib.sha256()
-    for part in (source.read_bytes(), jaxlib.__version__.encode(), compiler.encode(), " ".join(COMPILE_FLAGS).encode(),
-                 _cpu_signature().encode()):
+    for part in (source.read_bytes(), jaxlib.__version__.encode(), compiler.encode(),
+                 " ".join(COMPILE_FLAGS + list(extra_flags)).encode(), _cpu_signature().encode()):
         key.update(part)
     return cache_dir() / f"cpu_kernels_{key.hexdigest()[:16]}.so"
 
 
-def build(source: Path = SOURCE) -> Path:
+def build(source: Path = SOURCE, extra_flags: tuple[str, ...] = ()) -> Path:
     """Compile the library unless a matching one is cached; returns its path. Concurrent builders (pytest workers,
-    processes of one host) each write a private temporary file and rename it into place."""
+    processes of one host) each write a private temporary file and rename it into place. `extra_flags` follow
+    COMPILE_FLAGS (e.g. -mno-avx512f: the AVX2 build on an AVX-512 CPU, for `bench.ab --kernel_flags`)."""
     compiler = os.environ.get("CXX", "g++")
     if shutil.which(compiler) is None:
         raise KernelUnavailable(f"no C++ compiler {compiler!r} on PATH (install g++ or set CXX)")
-    target = library_path(compiler, source)
+    target = library_path(compiler, source, tuple(extra_flags))
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
-    cmd = [compiler, *COMPILE_FLAGS, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
+    cmd = [compiler, *COMPILE_FLAGS, *extra_flags, "-I", jax.ffi.include_dir(), str(source), "-o", tmp]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
         os.unlink(tmp)
@@ -127,10 +128,11 @@ def _load() -> str | None:
     return None
 
 
-def register_library(source: Path, prefix: str) -> list[str]:
-    """Builds another version of cpu_kernels.cc (`bench.ab --kernels`) and registers its targets as prefix + name,
-    beside this checkout's, so both libraries run in one process; returns the targets that version lacks."""
-    library = ctypes.cdll.LoadLibrary(str(build(source)))
+def register_library(source: Path, prefix: str, extra_flags: tuple[str, ...] = ()) -> list[str]:
+    """Builds another version of cpu_kernels.cc (`bench.ab --kernels`), or this one with other compiler flags, and
+    registers its targets as prefix + name, beside this checkout's, so both libraries run in one process; returns
+    the targets that version lacks."""
+    library = ctypes.cdll.LoadLibrary(str(build(source, extra_flags)))
     missing = []
     for name, symbol in TARGETS.items():
         if hasattr(library, symbol):

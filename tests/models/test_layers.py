@@ -13,6 +13,7 @@ from resmobile_jax.models.kernels import cpu_kernels
 
 def torch_conv_with_grads(x, w, g, stride, padding=0, groups=1):
     """torch's conv2d and its autograd gradients, in our layouts: x and g NHWC, w HWIO; returns (y, dx, dw)."""
+    x, w, g = (np.array(a) for a in (x, w, g))  # writable copies (callers may pass read-only JAX buffers)
     xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
     wt = torch.from_numpy(w).permute(3, 2, 0, 1).contiguous().requires_grad_(True)
     yt = torch.nn.functional.conv2d(xt, wt, stride=stride, padding=padding, groups=groups)

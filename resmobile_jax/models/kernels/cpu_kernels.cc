@@ -122,6 +122,17 @@ typedef Vec8 VecW;
 template <typename V> constexpr int64_t kLanesOf = sizeof(V) / sizeof(float);
 constexpr int64_t kWide = sizeof(VecW) / sizeof(float);
 
+// Channels [c, C) of an elementwise pass in the widest vectors, then 8 lanes, then one at a time:
+// body(V{}, c) handles kLanesOf<V> channels from c (V = VecW, Vec8 or float); returns C.
+template <typename Body>
+inline int64_t ForChannelVectors(int64_t c, int64_t C, Body&& body) {
+  if constexpr (kWide > 8)
+    for (; c + kWide <= C; c += kWide) body(VecW{}, c);
+  for (; c + 8 <= C; c += 8) body(Vec8{}, c);
+  for (; c < C; ++c) body(0.0f, c);
+  return C;
+}
+
 // The three depthwise passes share one inner routine: along one line of outputs (an output row in the forward pass,
 // one column class of an input row in the input gradient), out[m] = sum over taps t of in_t[a*m + col_t] * w_t,
 // channels innermost. Outputs whose taps all fall inside the line take Q = 8 (then 4) pixels at a time with the Q
@@ -253,10 +264,10 @@ void ApplyEpilogue(const Epilogue& e, const float* src, float* dst, int64_t pixe
   for (int64_t m = 0; m < pixels; ++m) {
     const float* u = src + m * C;
     float* v = dst + m * C;
-    int64_t c = 0;
-    for (; c + 8 <= C; c += 8)
-      Store<Vec8>(v + c, Activate<kAct>(Load<Vec8>(u + c) * Load<Vec8>(e.scale + c) + Load<Vec8>(e.shift + c)));
-    for (; c < C; ++c) v[c] = Activate<kAct>(u[c] * e.scale[c] + e.shift[c]);
+    ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
+      using V = decltype(lanes);
+      Store<V>(v + c, Activate<kAct>(Load<V>(u + c) * Load<V>(e.scale + c) + Load<V>(e.shift + c)));
+    });
   }
 }
 
@@ -410,17 +421,12 @@ struct Fused {
 
 // dst[:C] = sum over `pixels` pixels of src (pixels x C), in vector registers.
 void SumPixelRow(const float* src, int64_t pixels, int64_t C, float* dst) {
-  int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {
-    Vec8 acc{};
-    for (int64_t m = 0; m < pixels; ++m) acc += Load<Vec8>(src + m * C + c);
-    Store<Vec8>(dst + c, acc);
-  }
-  for (; c < C; ++c) {
-    float acc = 0.0f;
-    for (int64_t m = 0; m < pixels; ++m) acc += src[m * C + c];
-    dst[c] = acc;
-  }
+  ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
+    using V = decltype(lanes);
+    V acc{};
+    for (int64_t m = 0; m < pixels; ++m) acc += Load<V>(src + m * C + c);
+    Store<V>(dst + c, acc);
+  });
 }
 
 // Rows per 1x1 call: each call reads all of its weights, so narrow maps take several rows at a time (~64 pixels).
@@ -913,22 +919,16 @@ void MaxPoolRow(const float* const* rows, int64_t n_rows, int64_t wo, int64_t co
   for (int64_t q = 0; q < wp; ++q) {
     const int64_t c_lo = std::max<int64_t>(0, q * kPoolStride - kPoolPadding);
     const int64_t c_hi = std::min<int64_t>(wo, q * kPoolStride - kPoolPadding + kPool);
-    int64_t c = 0;
-    for (; c + 8 <= co; c += 8) {
-      Vec8 m = Load<Vec8>(rows[0] + c_lo * co + c);
+    ForChannelVectors(0, co, [&](auto lanes, int64_t c) {  // (v > m ? v : m: std::max(m, v) for floats)
+      using V = decltype(lanes);
+      V m = Load<V>(rows[0] + c_lo * co + c);
       for (int64_t i = 0; i < n_rows; ++i)
         for (int64_t col = c_lo; col < c_hi; ++col) {
-          const Vec8 v = Load<Vec8>(rows[i] + col * co + c);
+          const V v = Load<V>(rows[i] + col * co + c);
           m = v > m ? v : m;
         }
-      Store<Vec8>(out + q * co + c, m);
-    }
-    for (; c < co; ++c) {
-      float m = rows[0][c_lo * co + c];
-      for (int64_t i = 0; i < n_rows; ++i)
-        for (int64_t col = c_lo; col < c_hi; ++col) m = std::max(m, rows[i][col * co + c]);
-      out[q * co + c] = m;
-    }
+      Store<V>(out + q * co + c, m);
+    });
   }
 }
 
@@ -1061,9 +1061,10 @@ ffi::Error BottleneckForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
     const int64_t rows = end - begin, count = rows * w * c;
     float* out = yd + begin * w * c;
     Pointwise1x1(restore, mid.get() + begin * w * planes, rows * w, xd + begin * w * c, out);  // bn3(conv3(.)) + x
-    int64_t i = 0;
-    for (; i + 8 <= count; i += 8) Store<Vec8>(out + i, Activate<kRelu>(Load<Vec8>(out + i)));
-    for (; i < count; ++i) out[i] = Activate<kRelu>(out[i]);
+    ForChannelVectors(0, count, [&](auto lanes, int64_t i) {
+      using V = decltype(lanes);
+      Store<V>(out + i, Activate<kRelu>(Load<V>(out + i)));
+    });
   });
   return ffi::Error::Success();
 }
@@ -1190,17 +1191,12 @@ void RowMoments(const float* x, int64_t pixels, int64_t C, float* sum, float* m2
   for (int pass = 0; pass < 2; ++pass) {
     for (int64_t m = 1; m < pixels; ++m) {
       const float* u = x + m * C;
-      int64_t c = 0;
-      for (; c + 8 <= C; c += 8) {
-        const Vec8 d = Load<Vec8>(u + c) - Load<Vec8>(x + c);
-        if (pass == 0) Store<Vec8>(sum + c, Load<Vec8>(sum + c) + d);
-        else Store<Vec8>(m2 + c, Load<Vec8>(m2 + c) + (d - Load<Vec8>(sum + c)) * (d - Load<Vec8>(sum + c)));
-      }
-      for (; c < C; ++c) {
-        const float d = u[c] - x[c];
-        if (pass == 0) sum[c] += d;
-        else m2[c] += (d - sum[c]) * (d - sum[c]);
-      }
+      ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
+        using V = decltype(lanes);
+        const V d = Load<V>(u + c) - Load<V>(x + c);
+        if (pass == 0) Store<V>(sum + c, Load<V>(sum + c) + d);
+        else Store<V>(m2 + c, Load<V>(m2 + c) + (d - Load<V>(sum + c)) * (d - Load<V>(sum + c)));
+      });
     }
     if (pass == 0)
       for (int64_t c = 0; c < C; ++c) sum[c] /= static_cast<float>(pixels);  // the mean, relative to pixel 0
@@ -1317,17 +1313,12 @@ struct BatchNormActGrad {
       for (int64_t m = 0; m < width; ++m) {
         const float* xp = x + (r * width + m) * C;
         const float* gp = g + (r * width + m) * C;
-        int64_t c = 0;
-        for (; c + 8 <= C; c += 8) {
-          const Vec8 gs = Slope<Vec8>(xp, gp, c);
-          Store<Vec8>(rg.data() + c, Load<Vec8>(rg.data() + c) + gs);
-          Store<Vec8>(rgx.data() + c, Load<Vec8>(rgx.data() + c) + gs * (Load<Vec8>(xp + c) - Load<Vec8>(mean + c)));
-        }
-        for (; c < C; ++c) {
-          const float gs = gp[c] * ActivationSlope<kAct>(xp[c] * inv[c] + shift[c]);
-          rg[c] += gs;
-          rgx[c] += gs * (xp[c] - mean[c]);
-        }
+        ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
+          using V = decltype(lanes);
+          const V gs = Slope<V>(xp, gp, c);
+          Store<V>(rg.data() + c, Load<V>(rg.data() + c) + gs);
+          Store<V>(rgx.data() + c, Load<V>(rgx.data() + c) + gs * (Load<V>(xp + c) - Load<V>(mean + c)));
+        });
       }
       for (int64_t c = 0; c < C; ++c) {
         sum_g[c] += rg[c];
@@ -1341,12 +1332,11 @@ struct BatchNormActGrad {
       const float* xp = x + i * C;
       const float* gp = g + i * C;
       float* out = dx + i * C;
-      int64_t c = 0;
-      for (; c + 8 <= C; c += 8)
-        Store<Vec8>(out + c, Slope<Vec8>(xp, gp, c) * Load<Vec8>(a + c) - Load<Vec8>(b + c) -
-                                 (Load<Vec8>(xp + c) - Load<Vec8>(mean + c)) * Load<Vec8>(cc + c));
-      for (; c < C; ++c)
-        out[c] = gp[c] * ActivationSlope<kAct>(xp[c] * inv[c] + shift[c]) * a[c] - b[c] - (xp[c] - mean[c]) * cc[c];
+      ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
+        using V = decltype(lanes);
+        Store<V>(out + c, Slope<V>(xp, gp, c) * Load<V>(a + c) - Load<V>(b + c) -
+                              (Load<V>(xp + c) - Load<V>(mean + c)) * Load<V>(cc + c));
+      });
     }
   }
 };

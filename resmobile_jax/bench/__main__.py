@@ -1,11 +1,12 @@
 """python -m resmobile_jax.bench: JAX vs the PyTorch reference model, side by side in one process on the same inputs.
 
-    python -m resmobile_jax.bench [--variants v1,v2] [--sizes 64,224] [--batch 32] [--train_batch 32]
+    python -m resmobile_jax.bench [--variants v1,v2] [--sizes 64,224] [--batch 32] [--train_batch 32] [--passes 2]
                                   [--torch_compile] [--json FILE] [--out FILE.md]
 
 For each variant and image size: batch-1 latency, batch throughput, train-step images/s, compile times, peak memory
 and achieved FLOP/s, for this project's JAX model and for the torchvision-built reference (eager, channels_last; and
-torch.compile with --torch_compile), their calls interleaved. Then the input pipeline alone (is training input-bound at the default settings?)
+torch.compile with --torch_compile), their calls interleaved, in --passes timing passes over all of them (every model
+is set up first, so that a slow phase of a shared machine lands in one pass). Then the input pipeline alone (is training input-bound at the default settings?)
 and exact kNN over a 100k gallery. Prints a Markdown report; --json writes one record per (variant, size, measurement)
 with `speedup` = how many times faster JAX is (above 1: JAX wins).
 """
@@ -30,7 +31,10 @@ flags.DEFINE_list("variants", ["v1", "v2"], "model variants")
 flags.DEFINE_list("sizes", ["64", "224"], "square input sizes")
 flags.DEFINE_integer("batch", 32, "batch size of the inference-throughput measurement")
 flags.DEFINE_integer("train_batch", 32, "batch size of the train-step measurement")
-flags.DEFINE_float("budget", 8.0, "seconds of repeated calls per timed measurement (after warm-up)")
+flags.DEFINE_float("budget", 8.0, "seconds of repeated calls per framework and timed measurement (after warm-up), "
+                   "split over the passes")
+flags.DEFINE_integer("passes", 2, "timing passes over all variants and sizes, spread over the run; each figure pools "
+                     "its calls from all passes, and the report shows the passes' own speedups beside it")
 flags.DEFINE_string("dtype", "", "compute dtype of both frameworks: float32 | bfloat16 (default: float32 on CPU, "
                     "bfloat16 on accelerators, where PyTorch runs under autocast)")
 flags.DEFINE_enum("depthwise_impl", "auto", list(DEPTHWISE_IMPLS), "the JAX model's depthwise convolution")
@@ -55,14 +59,11 @@ def record(variant, size, measurement, unit, jax_value, torch_value, compiled_va
             "speedup_vs_compile": ratio(compiled_value)}
 
 
-def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict]:
-    """Both frameworks set up first (compiles, first calls, peak RSS of the training setup), then each measurement
-    timed with the frameworks' calls interleaved (timing.interleaved_timing): on this shared machine the speed
-    drifts 20-40% over minutes, and timing one framework after the other turned that drift into the ratio."""
+def set_up_model(variant: str, size: int, dtype: str) -> dict:
+    """Both frameworks' inference calls (batch 1 and --batch) and train call for one variant and size, compiled and
+    run once: compile and first-call times, the peak RSS growth of the training setup, device memory."""
     from resmobile_jax.bench import jax_side, torch_side
     from resmobile_jax.bench.system import PeakRSS
-    from resmobile_jax.profile import profile_model
-    from resmobile_jax.timing import interleaved_timing, per_image
 
     config = jax_side.bench_config(variant, size, dtype, FLAGS.depthwise_impl)
     b, tb = FLAGS.batch, FLAGS.train_batch
@@ -87,20 +88,50 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
         _try(lambda: set_up("torch_compile",
                             lambda: torch_side.inference_calls(variant, size, (1, b), dtype, compile_model=True),
                             lambda: torch_side.train_call(variant, size, tb, config, dtype, compile_model=True)))
-    frameworks = list(rss)  # torch_compile only if its setup went through
-    print(f"[{variant} {size}px] timing {', '.join(frameworks)}, interleaved ...", flush=True)
-    budget = FLAGS.budget * len(frameworks)
+    return {"variant": variant, "size": size, "config": config, "inference": inference, "train": train, "rss": rss,
+            "device_mb": device_mb, "first_seconds": first_seconds, "frameworks": list(rss)}  # torch_compile if set up
+
+
+def time_model(model: dict, budget_seconds: float) -> dict[str, dict[str, list[float]]]:
+    """{measurement: {framework: call times in ms}}: each measurement with the frameworks' calls interleaved
+    (timing.interleaved_times; inference in blocks whose first call is untimed: warm caches, as repeated calls have
+    them), `budget_seconds` per framework and measurement."""
+    from resmobile_jax.timing import interleaved_times
+
+    frameworks, inference, b = model["frameworks"], model["inference"], FLAGS.batch
+    print(f"[{model['variant']} {model['size']}px] timing {', '.join(frameworks)}, interleaved ...", flush=True)
+    budget = budget_seconds * len(frameworks)
+    times = {f"batch_{bs}": interleaved_times({n: inference[n][bs][0] for n in frameworks}, min_rounds=3,
+                                              max_rounds=20, budget_seconds=budget, per_round=5 if bs == 1 else 3,
+                                              untimed_per_round=1)
+             for bs in (1, b)}
+    times["train"] = interleaved_times({n: model["train"][n] for n in frameworks}, min_rounds=3, max_rounds=30,
+                                       budget_seconds=budget)
+    return times
+
+
+def model_rows(model: dict, passes: list[dict]) -> tuple[list[dict], dict]:
+    """The records of one variant and size from the timing passes (time_model's), each framework's calls of all
+    passes pooled into one median; the details keep each pass's JAX / PyTorch speedup, the spread between passes."""
+    from resmobile_jax.bench import torch_side
+    from resmobile_jax.profile import profile_model
+    from resmobile_jax.timing import per_image, summary
+
+    variant, size, frameworks = model["variant"], model["size"], model["frameworks"]
+    b, tb = FLAGS.batch, FLAGS.train_batch
+    pooled = {key: {n: [t for p in passes for t in p[key][n]] for n in frameworks} for key in passes[0]}
     timed = {}
-    for bs in (1, b):  # blocks of calls, each block's first call untimed: warm caches, as repeated calls have them
-        t = interleaved_timing({n: inference[n][bs][0] for n in frameworks}, min_rounds=3, max_rounds=20,
-                               budget_seconds=budget, per_round=5 if bs == 1 else 3, untimed_per_round=1)
-        timed[f"batch_{bs}"] = {n: per_image({"first_call_seconds": inference[n][bs][1], **t[n]}, bs) for n in frameworks}
-    t = interleaved_timing({n: train[n] for n in frameworks}, min_rounds=3, max_rounds=30, budget_seconds=budget)
-    timed["train"] = {n: {**per_image(t[n], tb), "first_call_seconds": first_seconds[n], "peak_rss_mb": rss[n],
-                          "device_mb": device_mb[n]} for n in frameworks}
-    timed["train"]["jax"]["finite_loss"] = bool(np.isfinite(float(train["jax"]()["loss"])))
-    timed["train"]["pytorch"]["finite_loss"] = torch_side.loss_is_finite(train["pytorch"]())
-    macs = profile_model(config.model.to_dict(), size, xla_flops=False, checkpoint_size=False)["total"]["macs"]
+    for bs in (1, b):
+        key = f"batch_{bs}"
+        timed[key] = {n: per_image({"first_call_seconds": model["inference"][n][bs][1], **summary(pooled[key][n])}, bs)
+                      for n in frameworks}
+    timed["train"] = {n: {**per_image(summary(pooled["train"][n]), tb), "first_call_seconds": model["first_seconds"][n],
+                          "peak_rss_mb": model["rss"][n], "device_mb": model["device_mb"][n]} for n in frameworks}
+    timed["train"]["jax"]["finite_loss"] = bool(np.isfinite(float(model["train"]["jax"]()["loss"])))
+    timed["train"]["pytorch"]["finite_loss"] = torch_side.loss_is_finite(model["train"]["pytorch"]())
+    timed["speedup_per_pass"] = {key: [float(np.median(p[key]["pytorch"]) / np.median(p[key]["jax"])) for p in passes]
+                                 for key in passes[0]}
+    macs = profile_model(model["config"].model.to_dict(), size, xla_flops=False, checkpoint_size=False)["total"]["macs"]
     gflop_inf, gflop_train = 2 * macs / 1e9, 6 * macs / 1e9  # per image; backward ~2x forward
 
     def values(key, field, scale=1.0):
@@ -124,6 +155,8 @@ def measure_model(variant: str, size: int, dtype: str) -> tuple[list[dict], dict
         record(variant, size, "achieved GFLOP/s, training", "GFLOP/s", *values("train", "images_per_second", gflop_train)[:2],
                None),
     ]
+    for r, key in zip(rows[:3], ("batch_1", bk, "train")):
+        r["speedup_per_pass"] = timed["speedup_per_pass"][key]
     return rows, {**timed, "macs_per_image": macs}
 
 
@@ -196,12 +229,18 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
         f"- malloc (the same for both frameworks, one process): GLIBC_TUNABLES='{env['glibc_tunables']}'",
         "- speedup = how many times faster (or smaller) JAX is; above 1 means JAX wins. Medians of repeated calls "
         "after warm-up, the frameworks' calls interleaved (JAX, PyTorch, then PyTorch, JAX, ...) so that the "
-        "machine's drift hits both alike; both get the same uint8 images and normalize them inside the timed call.", "",
+        "machine's drift hits both alike; both get the same uint8 images and normalize them inside the timed call."
+        + (f" Timed in {env['passes']} passes over all variants and sizes, spread over the run; each figure pools "
+           "the calls of all passes, and (a-b) after a speedup is the range of the passes' own speedups: what a "
+           "phase of this machine's speed moves a ratio by." if env.get("passes", 1) > 1 else ""), "",
         head, "|" + "---|" * (head.count("|") - 1),
     ]
     for r in rows:
+        speedup = "—" if r["speedup"] is None else f"{r['speedup']:.2f}x"
+        if len(per_pass := r.get("speedup_per_pass", [])) > 1:
+            speedup += f" ({min(per_pass):.2f}-{max(per_pass):.2f})"
         cells = [r["variant"], str(r["image_size"]), r["measurement"], r["unit"], _fmt(r["jax"], r["unit"]),
-                 _fmt(r["pytorch"], r["unit"]), "—" if r["speedup"] is None else f"{r['speedup']:.2f}x"]
+                 _fmt(r["pytorch"], r["unit"]), speedup]
         if compiled:
             cells += [_fmt(r["pytorch_compile"], r["unit"]),
                       "—" if r["speedup_vs_compile"] is None else f"{r['speedup_vs_compile']:.2f}x"]
@@ -262,13 +301,20 @@ def main(argv):
     env = environment()
     env["dtype"] = dtype
     print(f"bench on {env['device']} ({dtype})", flush=True)
+    env["passes"] = FLAGS.passes
     rows, details, extras = [], {}, {}
-    for variant in FLAGS.variants:
-        for size in (int(s) for s in FLAGS.sizes):
-            r, d = measure_model(variant, size, dtype)
+    models = [set_up_model(variant, int(size), dtype) for variant in FLAGS.variants for size in FLAGS.sizes]
+    passes = [[] for _ in models]
+    for p in range(FLAGS.passes):  # spread over the run: a phase of the machine's speed lands in one pass, not all
+        print(f"timing pass {p + 1} of {FLAGS.passes}", flush=True)
+        for model, done in zip(models, passes):
+            done.append(time_model(model, FLAGS.budget / FLAGS.passes))
+        rows, details = [], {}
+        for model, done in zip(models, passes):
+            r, d = model_rows(model, done)
             rows += r
-            details[f"{variant}_{size}"] = d
-            save(FLAGS.out, FLAGS.json, env, rows, details, extras, complete=False)
+            details[f"{model['variant']}_{model['size']}"] = d
+        save(FLAGS.out, FLAGS.json, env, rows, details, extras, complete=False)
     if FLAGS.pipeline:
         from configs.base import get_base_config
         from resmobile_jax.bench import jax_side

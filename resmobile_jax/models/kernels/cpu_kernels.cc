@@ -244,8 +244,8 @@ struct Epilogue {
   int64_t activation = kIdentity;
 };
 
-// In vector registers explicitly (Vec8, then a scalar tail): GCC left the Hardswish form as a scalar loop with
-// branches, 6x slower than XLA's own pass over memory.
+// In vector registers explicitly (callers pass VecW, Vec8 or float; see ForChannelVectors): GCC left the Hardswish
+// form as a scalar loop with branches, 6x slower than XLA's own pass over memory.
 template <int64_t kAct, typename V>
 inline V Activate(V t) {
   if constexpr (kAct == kRelu) return t > V{} ? t : V{};
@@ -290,10 +290,11 @@ ffi::Error MakeEpilogue(ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> shift
 }
 
 // A 1x1 convolution in eval mode, pixel by pixel: out[m, :] = act((in[m, :] @ w) * scale + shift) (+ add[m, :]),
-// w (cin, cout). Blocks of 6 pixels x 16 output channels are summed in 12 vector registers, each weight vector
-// loaded once per 6 pixels and each input value broadcast once per 16 channels. The weights are first repacked into
-// panels of 16 (then 8) output channels, contiguous over cin, which a block reads front to back (from w itself, a
-// 16-channel panel is 64 bytes of every cin-th cache line: the 80 -> 184 layers ran ~15% slower).
+// w (cin, cout). Blocks of 6 pixels x 2 vectors of output channels (16 channels on AVX2, 32 on AVX-512) are summed
+// in 12 vector registers, each weight vector loaded once per 6 pixels and each input value broadcast once per panel.
+// The weights are first repacked into panels of 2 vectors (then 1, then 8 channels) of output channels, contiguous
+// over cin, which a block reads front to back (from w itself, a 16-channel panel is 64 bytes of every cin-th cache
+// line: the 80 -> 184 layers ran ~15% slower). (On AVX-512, 4-vector panels and 12-pixel blocks measured no faster.)
 struct Pointwise {
   const float* w = nullptr;       // (cin, cout); nullptr: none
   const float* panels = nullptr;  // the panel of channels [c, c + width) at panels + c * cin, (cin, width)

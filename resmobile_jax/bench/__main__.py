@@ -34,7 +34,7 @@ flags.DEFINE_integer("train_batch", 32, "batch size of the train-step measuremen
 flags.DEFINE_float("budget", 8.0, "seconds of repeated calls per framework and timed measurement (after warm-up), "
                    "split over the passes")
 flags.DEFINE_integer("passes", 2, "timing passes over all variants and sizes, spread over the run; each figure pools "
-                     "its calls from all passes, and the report shows the passes' own speedups beside it")
+                     "its calls from all passes, and the report shows the passes' own speedups beside it", lower_bound=1)
 flags.DEFINE_string("dtype", "", "compute dtype of both frameworks: float32 | bfloat16 (default: float32 on CPU, "
                     "bfloat16 on accelerators, where PyTorch runs under autocast)")
 flags.DEFINE_enum("depthwise_impl", "auto", list(DEPTHWISE_IMPLS), "the JAX model's depthwise convolution")

@@ -38,7 +38,7 @@ def train_step(state: TrainState, batch: dict, *, graphdef, loss_fn: Callable, t
     ema = state.ema_params
     if ema is not None:
         ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
-    grad_norm = optax.global_norm((grads, loss_grads))
+    grad_norm = optax.tree.norm((grads, loss_grads))
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": schedule(state.step), "finite": finite}
     new_state = state.replace(

@@ -74,17 +74,22 @@ def _cpu_has(flag: str) -> bool:
 @pytest.mark.slow
 @pytest.mark.skipif(not _cpu_has("avx512f"), reason="the 16-lane paths exist only on an AVX-512 CPU")
 @pytest.mark.parametrize("variant", ["v1", "v2"])
-def test_avx512_and_avx2_builds_embed_bit_identically(variant):
-    """On AVX-512 the eval kernels run 16 channels per instruction (8 for what is left); each output channel's sum
-    is still the same chain of multiply-adds, so the whole embedding must not change by one bit against the same
-    source built at AVX2 width. 224 px, batch 8: every fused path (stems, inverted residuals with and without SE,
-    the tail's bottlenecks) and every panel width (32, 16, 8 channels and the widths 24, 40, 72, 120, 184, 200
-    leave) runs."""
+def test_avx512_and_avx2_builds_embed_and_train_bit_identically(variant):
+    """On AVX-512 the kernels run 16 channels per instruction (8 for what is left); each output channel's sum is
+    still the same chain of multiply-adds, so nothing may change by one bit against the same source built at AVX2
+    width: the whole embedding at 224 px, batch 8 (every fused eval path: stems, inverted residuals with and without
+    SE, the tail's bottlenecks; every panel width, 32, 16 and 8 channels and the widths 24, 40, 72, 120, 184, 200
+    leave), and a train step's loss and gradient norm at 64 px, batch 8 (the depthwise, dense-conv and BatchNorm
+    gradient kernels)."""
     import numpy as np
 
-    from resmobile_jax.bench.ab import eval_call, kernel_calls
+    from resmobile_jax.bench.ab import eval_call, kernel_calls, train_call
 
     calls = kernel_calls(eval_call, str(cpu_kernels.SOURCE), variant, 224, 8, compile_flags=("-mno-avx512f",))
     avx2, native = (np.asarray(call()) for call in calls.values())
     assert native.shape == (8, 512) and np.all(np.isfinite(native))
     np.testing.assert_array_equal(native, avx2)
+    calls = kernel_calls(train_call, str(cpu_kernels.SOURCE), variant, 64, 8, compile_flags=("-mno-avx512f",))
+    avx2, native = (call() for call in calls.values())
+    for key in ("loss", "grad_norm"):
+        assert np.isfinite(float(native[key])) and float(native[key]) == float(avx2[key]), key

@@ -737,7 +737,8 @@ ffi::Error DepthwiseKernelGradWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> 
           const auto [q_lo, q_hi] = InBoundsOutputs(col0, col0, g.s, g.w, g.wo);  // 0 <= q*S + j - P < W
           float* tap_total = total + (i * g.k + j) * C;
           // 8 outputs at a time, all channels of them, then the next 8: contiguous reads, one add into the
-          // accumulator per 8 products.
+          // accumulator per 8 products. (8 lanes even on AVX-512: with 16-lane vectors, through ForChannelVectors,
+          // the kernel gradients moved by an ulp against the AVX2 build, cause not found; bit-identity is tested.)
           for (int64_t q0 = q_lo; q0 < q_hi; q0 += 8) {
             const int64_t q1 = std::min(q_hi, q0 + 8);
             int64_t ch = 0;
@@ -1073,36 +1074,35 @@ ffi::Error BottleneckForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi:
 // dw[i, j, c, :] = sum_{b, r, q} x[b, r*S+i-P, q*S+j-P, c] * dy[b, r, q, :], accumulated per chunk of output rows
 // (each chunk's own K*K*Cin*Cout accumulator, added in a fixed order at the end, as for the depthwise gradient).
 // Per output row and kernel row i, the taps (j, c) of one padded input row are consecutive floats (jc = j*Cin + c),
-// so a block of P taps x 8V output channels is summed over the row's pixels in P*V registers: each dy vector loaded
-// once per P taps, P*V independent sums (one sum per block, as before, left the V1 stem's gradient waiting on FMA
-// latency at ~30 GFLOP/s). Nothing is stored inside the pixel loop.
-template <int V, int P>
+// so a block of P taps x V vectors Vec of output channels is summed over the row's pixels in P*V registers: each dy
+// vector loaded once per P taps, P*V independent sums (one sum per block, as before, left the V1 stem's gradient
+// waiting on FMA latency at ~30 GFLOP/s). Nothing is stored inside the pixel loop.
+template <typename Vec, int V, int P>
 void DenseKernelGradTaps(const Geometry& g, int64_t co, const float* xrow, const float* grow, int64_t jc0,
                          float* a) {
+  constexpr int64_t L = kLanesOf<Vec>;
   const int64_t step = g.s * g.c;
-  for (int64_t o0 = 0; o0 < co; o0 += 8 * V) {
-    Vec8 acc[P][V];
-    for (int p = 0; p < P; ++p)
-      for (int t = 0; t < V; ++t) acc[p][t] = Vec8{};
+  for (int64_t o0 = 0; o0 < co; o0 += L * V) {
+    Vec acc[P][V] = {};
     for (int64_t q = 0; q < g.wo; ++q) {
       const float* xq = xrow + q * step + jc0;
       const float* gq = grow + q * co + o0;
-      Vec8 gv[V];
-      for (int t = 0; t < V; ++t) gv[t] = Load<Vec8>(gq + 8 * t);
+      Vec gv[V];
+      for (int t = 0; t < V; ++t) gv[t] = Load<Vec>(gq + L * t);
       for (int p = 0; p < P; ++p) {
-        const Vec8 xv = Broadcast(xq[p]);
+        const Vec xv = Broadcast<Vec>(xq[p]);
         for (int t = 0; t < V; ++t) acc[p][t] += xv * gv[t];
       }
     }
     for (int p = 0; p < P; ++p)
       for (int t = 0; t < V; ++t) {
-        float* at = a + (jc0 + p) * co + o0 + 8 * t;
-        Store<Vec8>(at, Load<Vec8>(at) + acc[p][t]);
+        float* at = a + (jc0 + p) * co + o0 + L * t;
+        Store<Vec>(at, Load<Vec>(at) + acc[p][t]);
       }
   }
 }
 
-template <int V>
+template <typename Vec, int V>
 void DenseKernelGradBlocked(const Geometry& g, int64_t co, const Padded& xp, const float* gd, float* total,
                             int64_t begin, int64_t end) {
   constexpr int kTaps = 12 / V;  // 12 sums in registers, plus V dy vectors and a broadcast
@@ -1114,9 +1114,9 @@ void DenseKernelGradBlocked(const Geometry& g, int64_t co, const Padded& xp, con
       const float* xrow = xp.data + (b * xp.hp + r * g.s + i) * xp.wp * g.c;
       float* a = total + i * taps * co;
       int64_t jc = 0;
-      for (; jc + kTaps <= taps; jc += kTaps) DenseKernelGradTaps<V, kTaps>(g, co, xrow, grow, jc, a);
-      for (; jc + kTaps / 2 <= taps; jc += kTaps / 2) DenseKernelGradTaps<V, kTaps / 2>(g, co, xrow, grow, jc, a);
-      for (; jc < taps; ++jc) DenseKernelGradTaps<V, 1>(g, co, xrow, grow, jc, a);
+      for (; jc + kTaps <= taps; jc += kTaps) DenseKernelGradTaps<Vec, V, kTaps>(g, co, xrow, grow, jc, a);
+      for (; jc + kTaps / 2 <= taps; jc += kTaps / 2) DenseKernelGradTaps<Vec, V, kTaps / 2>(g, co, xrow, grow, jc, a);
+      for (; jc < taps; ++jc) DenseKernelGradTaps<Vec, V, 1>(g, co, xrow, grow, jc, a);
     }
   }
 }
@@ -1153,9 +1153,13 @@ ffi::Error DenseConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const float* gd = dy.typed_data();
   const Padded xp = PadInput(pool, g, x.typed_data());
   ParallelSum(pool, g.n * g.ho, size, dw->typed_data(), [&](int64_t begin, int64_t end, float* total) {
-    // 16-channel blocks for 64 outputs too (6 taps x 2 vectors): 4 x 3 spilled registers (50 vs 56-63 ms, V2 stem)
-    if (co % 16 == 0) DenseKernelGradBlocked<2>(g, co, xp, gd, total, begin, end);
-    else if (co % 8 == 0) DenseKernelGradBlocked<1>(g, co, xp, gd, total, begin, end);
+    // Two-vector blocks for 64 outputs too (6 taps x 2 vectors): on AVX2, 3 taps x 4 vectors spilled registers (50 vs
+    // 56-63 ms, V2 stem). The blocks' widths as the forward pass's panels (DensePanelWidth).
+    const int64_t width = DensePanelWidth(co);
+    if (width == 2 * kWide) DenseKernelGradBlocked<VecW, 2>(g, co, xp, gd, total, begin, end);
+    else if (width == kWide) DenseKernelGradBlocked<VecW, 1>(g, co, xp, gd, total, begin, end);
+    else if (width == 16) DenseKernelGradBlocked<Vec8, 2>(g, co, xp, gd, total, begin, end);
+    else if (width == 8) DenseKernelGradBlocked<Vec8, 1>(g, co, xp, gd, total, begin, end);
     else DenseKernelGradRows(g, co, xp, gd, total, begin, end);
   });
   return ffi::Error::Success();

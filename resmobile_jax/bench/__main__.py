@@ -231,8 +231,9 @@ def markdown(env: dict, rows: list[dict], extras: dict) -> str:
         "after warm-up, the frameworks' calls interleaved (JAX, PyTorch, then PyTorch, JAX, ...) so that the "
         "machine's drift hits both alike; both get the same uint8 images and normalize them inside the timed call."
         + (f" Timed in {env['passes']} passes over all variants and sizes, spread over the run; each figure pools "
-           "the calls of all passes, and (a-b) after a speedup is the range of the passes' own speedups: what a "
-           "phase of this machine's speed moves a ratio by." if env.get("passes", 1) > 1 else ""), "",
+           "the calls of all passes, and (a-b) after a speedup is the range of the passes' own speedups (each "
+           "pass's medians): what a phase of this machine's speed moves a ratio by. The pooled ratio can fall "
+           "outside that range when the passes ran at different speeds." if env.get("passes", 1) > 1 else ""), "",
         head, "|" + "---|" * (head.count("|") - 1),
     ]
     for r in rows:

@@ -31,6 +31,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -113,7 +114,9 @@ typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // 
 // The widest vector the CPU has (the library is compiled with -march=native): on AVX-512 CPUs the multiply-add
 // loops of the eval-mode 1x1 convolutions, the dense convolutions and the depthwise lines run 16 channels per
 // instruction, 8-channel vectors covering what is left (the network's widths are multiples of 8, not of 16).
-// Each output channel's sum is the same chain of multiply-adds at either width, so outputs are bit-identical.
+// Each output channel's sum is the same chain of multiply-adds at either width, so outputs are bit-identical to the
+// AVX2 build (tested) as long as GCC fuses the same multiplies and adds into FMAs (-ffp-contract=fast decides that
+// per code shape: see DepthwiseKernelGradWith).
 #ifdef __AVX512F__
 typedef float VecW __attribute__((vector_size(64), aligned(4), may_alias));
 #else
@@ -123,14 +126,25 @@ template <typename V> constexpr int64_t kLanesOf = sizeof(V) / sizeof(float);
 constexpr int64_t kWide = sizeof(VecW) / sizeof(float);
 
 // Channels [c, C) of an elementwise pass in the widest vectors, then 8 lanes, then one at a time:
-// body(V{}, c) handles kLanesOf<V> channels from c (V = VecW, Vec8 or float); returns C.
+// body(V{}, c) handles kLanesOf<V> channels from c (V = VecW, Vec8 or float).
 template <typename Body>
-inline int64_t ForChannelVectors(int64_t c, int64_t C, Body&& body) {
+inline void ForChannelVectors(int64_t c, int64_t C, Body&& body) {
   if constexpr (kWide > 8)
     for (; c + kWide <= C; c += kWide) body(VecW{}, c);
   for (; c + 8 <= C; c += 8) body(Vec8{}, c);
   for (; c < C; ++c) body(0.0f, c);
-  return C;
+}
+
+// The vectors of a weight panel `width` channels wide (PanelWidth, DensePanelWidth: two wide vectors, one, or 8
+// lanes): body(V{}, std::integral_constant<int, NV>{}) with NV vectors V making the width; false (body not called)
+// for a width that is none of these, which the callers' scalar loops handle.
+template <typename Body>
+inline bool ForPanelVectors(int64_t width, Body&& body) {
+  if (width == 2 * kWide) body(VecW{}, std::integral_constant<int, 2>{});
+  else if (width == kWide) body(VecW{}, std::integral_constant<int, 1>{});
+  else if (width == 8) body(Vec8{}, std::integral_constant<int, 1>{});
+  else return false;
+  return true;
 }
 
 // The three depthwise passes share one inner routine: along one line of outputs (an output row in the forward pass,
@@ -382,9 +396,10 @@ template <int64_t kAct>
 void PointwisePanel(const Pointwise& pw, const float* panel, int64_t c, const float* in, int64_t pixels,
                     const float* add, float* out) {
   const int64_t K = pw.cin, N = pw.cout, width = PanelWidth(c, N);
-  if (width == 2 * kWide) return PointwisePixels<VecW, 2, kAct>(pw, panel, c, in, pixels, add, out);
-  if (width == kWide) return PointwisePixels<VecW, 1, kAct>(pw, panel, c, in, pixels, add, out);
-  if (width == 8) return PointwisePixels<Vec8, 1, kAct>(pw, panel, c, in, pixels, add, out);
+  if (ForPanelVectors(width, [&](auto vec, auto nv) {
+        PointwisePixels<decltype(vec), nv, kAct>(pw, panel, c, in, pixels, add, out);
+      }))
+    return;
   for (int64_t m = 0; m < pixels; ++m) {  // a last panel narrower than 8
     for (int64_t l = 0; l < width; ++l) {
       float sum = 0.0f;
@@ -759,10 +774,10 @@ ffi::Error DepthwiseKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
 
 // Dense convolution, few input channels. y[b, r, q, :] = sum_{i, j, c} x[b, r*S+i-P, q*S+j-P, c] * w[i, j, c, :].
 // The input is first copied into a zero-padded buffer, so the inner loops have no bounds checks. When Cout is a
-// multiple of 8, outputs are computed in blocks of Q pixels x 8V channels held in vector registers (GCC/Clang
-// vector extensions: AVX on x86, NEON on ARM): every weight vector loaded is used for Q pixels, and the block's
-// weights (K*K*Cin*8V floats), repacked into one contiguous panel per 8V channels, stay in L1. Other Cout: a plain
-// loop.
+// multiple of 8, outputs are computed in blocks of Q pixels x NV vectors of channels held in vector registers
+// (GCC/Clang vector extensions: AVX on x86, NEON on ARM): every weight vector loaded is used for Q pixels, and the
+// block's weights (K*K*Cin x the panel's width), repacked into one contiguous panel per block of channels, stay in
+// L1. Other Cout: a plain loop.
 
 struct Padded {
   const float* data;
@@ -812,7 +827,7 @@ Padded PadInput(ffi::ThreadPool& pool, const Geometry& g, const float* xd) {
   });
 }
 
-// The weights' output-channel blocks of width W (8V) as panels, each (K*K*Cin, W) contiguous. Read from w itself, a
+// The weights' output-channel blocks of width W (DensePanelWidth) as panels, each (K*K*Cin, W) contiguous. From w, a
 // block's weights are K*K*Cin runs of W floats Cout floats apart: for V2's stem 147 cache lines 256 bytes apart,
 // which map to a quarter of L1's sets and do not fit there. Ad-hoc, bit-identical outputs: the 7x7 stem's rows on one
 // thread 78-82 GFLOP/s from w, 91-93 from the panels; whole calls at batch 32 (old and new library in one process,
@@ -880,7 +895,7 @@ void DenseForwardPlain(const Geometry& g, int64_t co, const Padded& xp, const fl
 // broadcast: 15 of AVX2's 16 registers) also for 64 outputs: 3 x 4 vectors (12 sums + 4 weight vectors) spilled and
 // ran V2's 7x7 stem at half the speed (67 vs 127-157 GFLOP/s, 224 px, batch 32). 0: the plain loop.
 inline int64_t DensePanelWidth(int64_t co) {
-  for (int64_t w : {2 * kWide, kWide, int64_t{16}, int64_t{8}})
+  for (int64_t w : {2 * kWide, kWide, int64_t{8}})
     if (co % w == 0) return w;
   return 0;
 }
@@ -900,12 +915,10 @@ DenseWeights MakeDenseWeights(const Geometry& g, const float* wd, int64_t co) {
 // One output row of the convolution, then the epilogue while it is in cache.
 void DenseForwardRow(const Geometry& g, int64_t co, const Padded& xp, const DenseWeights& w, const Epilogue& epi,
                      int64_t row, float* yrow) {
-  const int64_t width = DensePanelWidth(co);
-  if (width == 2 * kWide) DenseForwardBlocked<VecW, 2, 6>(g, co, xp, w.data(), row, yrow);
-  else if (width == kWide) DenseForwardBlocked<VecW, 1, 8>(g, co, xp, w.data(), row, yrow);
-  else if (width == 16) DenseForwardBlocked<Vec8, 2, 6>(g, co, xp, w.data(), row, yrow);
-  else if (width == 8) DenseForwardBlocked<Vec8, 1, 8>(g, co, xp, w.data(), row, yrow);
-  else DenseForwardPlain(g, co, xp, w.data(), row, yrow);
+  const bool blocked = ForPanelVectors(DensePanelWidth(co), [&](auto vec, auto nv) {  // 6 pixels x 2 vectors, 8 x 1
+    DenseForwardBlocked<decltype(vec), nv, nv == 2 ? 6 : 8>(g, co, xp, w.data(), row, yrow);
+  });
+  if (!blocked) DenseForwardPlain(g, co, xp, w.data(), row, yrow);
   ApplyEpilogue(epi, yrow, yrow, g.wo, co);
 }
 
@@ -1155,12 +1168,10 @@ ffi::Error DenseConvKernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   ParallelSum(pool, g.n * g.ho, size, dw->typed_data(), [&](int64_t begin, int64_t end, float* total) {
     // Two-vector blocks for 64 outputs too (6 taps x 2 vectors): on AVX2, 3 taps x 4 vectors spilled registers (50 vs
     // 56-63 ms, V2 stem). The blocks' widths as the forward pass's panels (DensePanelWidth).
-    const int64_t width = DensePanelWidth(co);
-    if (width == 2 * kWide) DenseKernelGradBlocked<VecW, 2>(g, co, xp, gd, total, begin, end);
-    else if (width == kWide) DenseKernelGradBlocked<VecW, 1>(g, co, xp, gd, total, begin, end);
-    else if (width == 16) DenseKernelGradBlocked<Vec8, 2>(g, co, xp, gd, total, begin, end);
-    else if (width == 8) DenseKernelGradBlocked<Vec8, 1>(g, co, xp, gd, total, begin, end);
-    else DenseKernelGradRows(g, co, xp, gd, total, begin, end);
+    const bool blocked = ForPanelVectors(DensePanelWidth(co), [&](auto vec, auto nv) {
+      DenseKernelGradBlocked<decltype(vec), nv>(g, co, xp, gd, total, begin, end);
+    });
+    if (!blocked) DenseKernelGradRows(g, co, xp, gd, total, begin, end);
   });
   return ffi::Error::Success();
 }

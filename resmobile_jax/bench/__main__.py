@@ -61,9 +61,11 @@ def record(variant, size, measurement, unit, jax_value, torch_value, compiled_va
 
 def set_up_model(variant: str, size: int, dtype: str) -> dict:
     """Both frameworks' inference calls (batch 1 and --batch) and train call for one variant and size, compiled and
-    run once: compile and first-call times, the peak RSS growth of the training setup, device memory."""
+    run once: compile and first-call times, the peak RSS growth of the training setup, device memory; and the
+    model's MACs per image."""
     from resmobile_jax.bench import jax_side, torch_side
     from resmobile_jax.bench.system import PeakRSS
+    from resmobile_jax.profile import profile_model
 
     config = jax_side.bench_config(variant, size, dtype, FLAGS.depthwise_impl)
     b, tb = FLAGS.batch, FLAGS.train_batch
@@ -88,7 +90,8 @@ def set_up_model(variant: str, size: int, dtype: str) -> dict:
         _try(lambda: set_up("torch_compile",
                             lambda: torch_side.inference_calls(variant, size, (1, b), dtype, compile_model=True),
                             lambda: torch_side.train_call(variant, size, tb, config, dtype, compile_model=True)))
-    return {"variant": variant, "size": size, "config": config, "inference": inference, "train": train, "rss": rss,
+    macs = profile_model(config.model.to_dict(), size, xla_flops=False, checkpoint_size=False)["total"]["macs"]
+    return {"variant": variant, "size": size, "inference": inference, "train": train, "rss": rss, "macs": macs,
             "device_mb": device_mb, "first_seconds": first_seconds, "frameworks": list(rss)}  # torch_compile if set up
 
 
@@ -114,7 +117,6 @@ def model_rows(model: dict, passes: list[dict]) -> tuple[list[dict], dict]:
     """The records of one variant and size from the timing passes (time_model's), each framework's calls of all
     passes pooled into one median; the details keep each pass's JAX / PyTorch speedup, the spread between passes."""
     from resmobile_jax.bench import torch_side
-    from resmobile_jax.profile import profile_model
     from resmobile_jax.timing import per_image, summary
 
     variant, size, frameworks = model["variant"], model["size"], model["frameworks"]
@@ -131,7 +133,7 @@ def model_rows(model: dict, passes: list[dict]) -> tuple[list[dict], dict]:
     timed["train"]["pytorch"]["finite_loss"] = torch_side.loss_is_finite(model["train"]["pytorch"]())
     timed["speedup_per_pass"] = {key: [float(np.median(p[key]["pytorch"]) / np.median(p[key]["jax"])) for p in passes]
                                  for key in passes[0]}
-    macs = profile_model(model["config"].model.to_dict(), size, xla_flops=False, checkpoint_size=False)["total"]["macs"]
+    macs = model["macs"]
     gflop_inf, gflop_train = 2 * macs / 1e9, 6 * macs / 1e9  # per image; backward ~2x forward
 
     def values(key, field, scale=1.0):

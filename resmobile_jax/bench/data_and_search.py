@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
+from resmobile_jax.data.idx import DatasetError
 from resmobile_jax.data.pipeline import TrainBatches
 from resmobile_jax.data.preprocess import Preprocess
-from resmobile_jax.data.idx import DatasetError
 from resmobile_jax.data.sources import ImageSet, fashion_mnist, folder
 
 

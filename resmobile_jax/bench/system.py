@@ -57,16 +57,29 @@ class PeakRSS:
         return (self.peak - self.base) / 1e6
 
 
+def _cpuinfo() -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def cpu_flags(info: str | None = None) -> set[str]:
+    """The instruction-set flags /proc/cpuinfo lists for the first CPU (avx2, fma, avx512f, ...); empty without it."""
+    info = _cpuinfo() if info is None else info
+    return set(next((line.split(":", 1)[1].split() for line in (info or "").splitlines() if line.startswith("flags")),
+                    []))
+
+
 def cpu_peak_gflops() -> tuple[float | None, str]:
     """Nominal fp32 peak of the cores this process may use: cores x clock x FLOP/cycle of the widest FMA the CPU
     reports (AVX-512: 64, AVX2+FMA: 32, else 8). An upper bound for comparison, not a promise (turbo, 1 vs 2 FMA
     ports and VM clock reporting all move it)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
+    info = _cpuinfo()
+    if info is None:
         return None, "unknown (no /proc/cpuinfo)"
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    flags = cpu_flags(info)
     mhz = next((float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")), None)
     if not mhz:
         return None, "unknown (no clock in /proc/cpuinfo)"

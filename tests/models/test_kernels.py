@@ -2,6 +2,7 @@
 
 import pytest
 
+from resmobile_jax.bench.system import cpu_flags
 from resmobile_jax.models.kernels import cpu_kernels
 
 
@@ -64,15 +65,8 @@ def test_another_version_of_the_kernels_runs_beside_this_one(tmp_path, monkeypat
             np.testing.assert_allclose(theirs, ours, rtol=3e-7, atol=1e-7)
 
 
-def _cpu_has(flag: str) -> bool:
-    from pathlib import Path
-
-    info = Path("/proc/cpuinfo")
-    return info.is_file() and any(line.startswith("flags") and flag in line.split() for line in info.read_text().splitlines())
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _cpu_has("avx512f"), reason="the 16-lane paths exist only on an AVX-512 CPU")
+@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the 16-lane paths exist only on an AVX-512 CPU")
 @pytest.mark.parametrize("variant", ["v1", "v2"])
 def test_avx512_and_avx2_builds_embed_and_train_bit_identically(variant):
     """On AVX-512 the kernels run 16 channels per instruction (8 for what is left); each output channel's sum is

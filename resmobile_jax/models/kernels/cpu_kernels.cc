@@ -35,6 +35,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__FMA__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -171,6 +175,34 @@ inline V Broadcast(float s) {
   else return V{s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s};
 }
 
+// a * b + c rounded once (one FMA instruction), for V = VecW, Vec8, float or double. Every multiply-add of this
+// file is written with it, and on x86-64 the library is built with -ffp-contract=off (cpu_kernels.py), so the
+// compiler fuses nothing on its own: under its default (-ffp-contract=fast) GCC fused a multiply and an add in some
+// code shapes and not in others, so that, e.g., pairs of depthwise edge pixels summed the same taps in the same
+// order as single pixels and still came out 3-7 ulps apart. With it, outputs do not depend on how a loop is
+// blocked or how wide its vectors are (the AVX2 and AVX-512 builds are tested bit-identical). Without FMA
+// instructions (or on other CPUs, where the compiler's default contraction stays on) a plain a * b + c.
+template <typename V>
+inline V Fma(V a, V b, V c) {
+  if constexpr (std::is_same_v<V, float> || std::is_same_v<V, double>) {
+#if defined(__FMA__) || defined(__aarch64__)
+    return std::fma(a, b, c);
+#else
+    return a * b + c;  // (std::fma would be a slow library call)
+#endif
+#ifdef __AVX512F__
+  } else if constexpr (kLanesOf<V> == 16) {
+    return (V)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#endif
+#ifdef __FMA__
+  } else if constexpr (kLanesOf<V> == 8) {
+    return (V)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#endif
+  } else {
+    return a * b + c;
+  }
+}
+
 // [lo, hi): the outputs m in [0, count) whose input columns a*m + col_min .. a*m + col_max all lie in [0, in_w).
 inline std::pair<int64_t, int64_t> InBoundsOutputs(int64_t col_min, int64_t col_max, int64_t a, int64_t in_w,
                                                    int64_t count) {
@@ -194,7 +226,7 @@ inline void SumPixels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64
     const float* in = taps[t].in + col * C + ch;
     for (int u = 0; u < Q; ++u) {
       if (kChecked && (col + a * u < 0 || col + a * u >= in_w)) continue;
-      for (int v = 0; v < NV; ++v) acc[u][v] += Load<V>(in + u * step + v * kLanes) * wv[v];
+      for (int v = 0; v < NV; ++v) acc[u][v] = Fma(Load<V>(in + u * step + v * kLanes), wv[v], acc[u][v]);
     }
   }
   for (int u = 0; u < Q; ++u)
@@ -218,10 +250,8 @@ template <int Q, bool kChecked>
 inline void SumPixelsAllChannels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m,
                                  float* out, int64_t out_stride) {
   int64_t ch = 0;
-  if constexpr (Q < 4) {
-    ch = SumChannelBlocks<Q, 8, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-    ch = SumChannelBlocks<Q, 4, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  }
+  if constexpr (Q == 1 || (Q == 2 && kWide > 8)) ch = SumChannelBlocks<Q, 8, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+  if constexpr (Q < 4) ch = SumChannelBlocks<Q, 4, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
   if constexpr (Q < 8) ch = SumChannelBlocks<Q, 2, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
   ch = SumChannelBlocks<Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
   if constexpr (kWide > 8) ch = SumChannelBlocks<Q, 1, kChecked, Vec8>(taps, n, a, in_w, C, m, ch, out, out_stride);
@@ -238,12 +268,15 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
   }
   const auto [m_lo, m_hi] = InBoundsOutputs(col_min, col_max, a, in_w, count);  // every tap in bounds
   int64_t m = 0;
+  for (; m + 2 <= m_lo; m += 2) SumPixelsAllChannels<2, true>(taps, n, a, in_w, C, m, out, out_stride);
   for (; m < m_lo; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
   // 8 outputs per block where the line is long (8 independent sums hide the FMA latency: the 112x112x64 stride-2
-  // forward 12.8 -> 8.8 ms), then 4, then single pixels.
+  // forward 12.8 -> 8.8 ms), then 4, then pairs, then single pixels.
   for (; m + 8 <= m_hi; m += 8) SumPixelsAllChannels<8, false>(taps, n, a, in_w, C, m, out, out_stride);
   for (; m + 4 <= m_hi; m += 4) SumPixelsAllChannels<4, false>(taps, n, a, in_w, C, m, out, out_stride);
+  for (; m + 2 <= m_hi; m += 2) SumPixelsAllChannels<2, false>(taps, n, a, in_w, C, m, out, out_stride);
   for (; m < m_hi; ++m) SumPixelsAllChannels<1, false>(taps, n, a, in_w, C, m, out, out_stride);
+  for (; m + 2 <= count; m += 2) SumPixelsAllChannels<2, true>(taps, n, a, in_w, C, m, out, out_stride);
   for (; m < count; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
 }
 
@@ -280,7 +313,7 @@ void ApplyEpilogue(const Epilogue& e, const float* src, float* dst, int64_t pixe
     float* v = dst + m * C;
     ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
       using V = decltype(lanes);
-      Store<V>(v + c, Activate<kAct>(Load<V>(u + c) * Load<V>(e.scale + c) + Load<V>(e.shift + c)));
+      Store<V>(v + c, Activate<kAct>(Fma(Load<V>(u + c), Load<V>(e.scale + c), Load<V>(e.shift + c))));
     });
   }
 }
@@ -353,14 +386,14 @@ inline void PointwiseBlock(const Pointwise& pw, const float* panel, const float*
     for (int v = 0; v < NV; ++v) wv[v] = Load<V>(panel + k * L * NV + L * v);
     for (int u = 0; u < Q; ++u) {
       const V xv = Broadcast<V>(in[u * K + k]);
-      for (int v = 0; v < NV; ++v) acc[u][v] += xv * wv[v];
+      for (int v = 0; v < NV; ++v) acc[u][v] = Fma(xv, wv[v], acc[u][v]);
     }
   }
   for (int v = 0; v < NV; ++v) {
     const int64_t c = c0 + L * v;
     const V scale = Load<V>(pw.bn.scale + c), shift = Load<V>(pw.bn.shift + c);
     for (int u = 0; u < Q; ++u) {
-      V t = Activate<kAct>(acc[u][v] * scale + shift);
+      V t = Activate<kAct>(Fma(acc[u][v], scale, shift));
       if (add != nullptr) t += Load<V>(add + u * N + c);
       Store<V>(out + u * N + c, t);
     }
@@ -403,8 +436,8 @@ void PointwisePanel(const Pointwise& pw, const float* panel, int64_t c, const fl
   for (int64_t m = 0; m < pixels; ++m) {  // a last panel narrower than 8
     for (int64_t l = 0; l < width; ++l) {
       float sum = 0.0f;
-      for (int64_t k = 0; k < K; ++k) sum += in[m * K + k] * panel[k * width + l];
-      const float t = Activate<kAct>(sum * pw.bn.scale[c + l] + pw.bn.shift[c + l]);
+      for (int64_t k = 0; k < K; ++k) sum = Fma(in[m * K + k], panel[k * width + l], sum);
+      const float t = Activate<kAct>(Fma(sum, pw.bn.scale[c + l], pw.bn.shift[c + l]));
       out[m * N + c + l] = add == nullptr ? t : t + add[m * N + c + l];
     }
   }
@@ -711,7 +744,7 @@ template <typename V>
 inline void AddRowTap(const float* xrow, const float* grow, int64_t C, int64_t s, int64_t col0, int64_t q_lo,
                       int64_t q_hi, int64_t ch, float* total) {
   V acc{};
-  for (int64_t q = q_lo; q < q_hi; ++q) acc += Load<V>(xrow + (q * s + col0) * C + ch) * Load<V>(grow + q * C + ch);
+  for (int64_t q = q_lo; q < q_hi; ++q) acc = Fma(Load<V>(xrow + (q * s + col0) * C + ch), Load<V>(grow + q * C + ch), acc);
   Store<V>(total + ch, Load<V>(total + ch) + acc);
 }
 
@@ -752,13 +785,12 @@ ffi::Error DepthwiseKernelGradWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> 
           const auto [q_lo, q_hi] = InBoundsOutputs(col0, col0, g.s, g.w, g.wo);  // 0 <= q*S + j - P < W
           float* tap_total = total + (i * g.k + j) * C;
           // 8 outputs at a time, all channels of them, then the next 8: contiguous reads, one add into the
-          // accumulator per 8 products. (8 lanes even on AVX-512: with 16-lane vectors, through ForChannelVectors,
-          // the kernel gradients moved by an ulp against the AVX2 build, cause not found; bit-identity is tested.)
+          // accumulator per 8 products.
           for (int64_t q0 = q_lo; q0 < q_hi; q0 += 8) {
             const int64_t q1 = std::min(q_hi, q0 + 8);
-            int64_t ch = 0;
-            for (; ch + 8 <= C; ch += 8) AddRowTap<Vec8>(xrow, grow, C, g.s, col0, q0, q1, ch, tap_total);
-            for (; ch < C; ++ch) AddRowTap<float>(xrow, grow, C, g.s, col0, q0, q1, ch, tap_total);
+            ForChannelVectors(0, C, [&](auto lanes, int64_t ch) {
+              AddRowTap<decltype(lanes)>(xrow, grow, C, g.s, col0, q0, q1, ch, tap_total);
+            });
           }
         }
       }
@@ -859,8 +891,8 @@ void DenseForwardBlocked(const Geometry& g, int64_t co, const Padded& xp, const 
           Vec wc[NV];
           for (int t = 0; t < NV; ++t) wc[t] = Load<Vec>(wi + jc * W + t * L);
           for (int u = 0; u < Q; ++u) {
-            const float xv = x0[u * step + jc];  // past the row's end in a last partial block (discarded)
-            for (int t = 0; t < NV; ++t) acc[u][t] += xv * wc[t];
+            const Vec xv = Broadcast<Vec>(x0[u * step + jc]);  // past the row's end in a last partial block (discarded)
+            for (int t = 0; t < NV; ++t) acc[u][t] = Fma(xv, wc[t], acc[u][t]);
           }
         }
       }
@@ -884,7 +916,7 @@ void DenseForwardPlain(const Geometry& g, int64_t co, const Padded& xp, const fl
         for (int64_t c = 0; c < cin; ++c) {
           const float xv = xi[c];
           const float* wc = wij + c * co;
-          for (int64_t o = 0; o < co; ++o) out[o] += xv * wc[o];
+          for (int64_t o = 0; o < co; ++o) out[o] = Fma(xv, wc[o], out[o]);
         }
       }
     }
@@ -1104,7 +1136,7 @@ void DenseKernelGradTaps(const Geometry& g, int64_t co, const float* xrow, const
       for (int t = 0; t < V; ++t) gv[t] = Load<Vec>(gq + L * t);
       for (int p = 0; p < P; ++p) {
         const Vec xv = Broadcast<Vec>(xq[p]);
-        for (int t = 0; t < V; ++t) acc[p][t] += xv * gv[t];
+        for (int t = 0; t < V; ++t) acc[p][t] = Fma(xv, gv[t], acc[p][t]);
       }
     }
     for (int p = 0; p < P; ++p)
@@ -1149,7 +1181,7 @@ void DenseKernelGradRows(const Geometry& g, int64_t co, const Padded& xp, const 
           for (int64_t c = 0; c < cin; ++c) {
             const float xv = xi[c];
             float* ac = a + c * co;
-            for (int64_t o = 0; o < co; ++o) ac[o] += xv * gq[o];
+            for (int64_t o = 0; o < co; ++o) ac[o] = Fma(xv, gq[o], ac[o]);
           }
         }
       }
@@ -1189,8 +1221,8 @@ struct ChannelMoments {  // count, mean and sum of squared deviations per channe
     const double total = count + n_b, w_mean = n_b / total, w_m2 = count * n_b / total;
     for (size_t c = 0; c < mean.size(); ++c) {
       const double delta = mean_b[c] - mean[c];
-      mean[c] += delta * w_mean;
-      m2[c] += m2_b[c] + delta * delta * w_m2;
+      mean[c] = Fma(delta, w_mean, mean[c]);
+      m2[c] += Fma(delta * delta, w_m2, m2_b[c]);
     }
     count = total;
   }
@@ -1211,7 +1243,10 @@ void RowMoments(const float* x, int64_t pixels, int64_t C, float* sum, float* m2
         using V = decltype(lanes);
         const V d = Load<V>(u + c) - Load<V>(x + c);
         if (pass == 0) Store<V>(sum + c, Load<V>(sum + c) + d);
-        else Store<V>(m2 + c, Load<V>(m2 + c) + (d - Load<V>(sum + c)) * (d - Load<V>(sum + c)));
+        else {
+          const V e = d - Load<V>(sum + c);
+          Store<V>(m2 + c, Fma(e, e, Load<V>(m2 + c)));
+        }
       });
     }
     if (pass == 0)
@@ -1219,7 +1254,7 @@ void RowMoments(const float* x, int64_t pixels, int64_t C, float* sum, float* m2
   }
   for (int64_t c = 0; c < C; ++c) {
     (*mean_b)[c] = static_cast<double>(x[c]) + sum[c];
-    (*m2_b)[c] = m2[c] + static_cast<double>(sum[c]) * sum[c];  // pixel 0 itself: deviation -mean
+    (*m2_b)[c] = Fma(static_cast<double>(sum[c]), static_cast<double>(sum[c]), static_cast<double>(m2[c]));  // pixel 0 itself: deviation -mean
   }
   acc->Merge(static_cast<double>(pixels), mean_b->data(), m2_b->data());
 }
@@ -1233,7 +1268,7 @@ struct FoldedAffine {
       : inv(C), shift(C) {
     for (int64_t c = 0; c < C; ++c) {
       inv[c] = 1.0f / std::sqrt(var[c] + epsilon) * gamma[c];
-      shift[c] = beta[c] - mean[c] * inv[c];
+      shift[c] = Fma(-mean[c], inv[c], beta[c]);
     }
   }
 };
@@ -1302,7 +1337,7 @@ inline V ActivationSlope(V z) {
   const V one = V{} + 1.0f;
   if constexpr (kAct == kRelu) return z > V{} ? one : V{};
   if constexpr (kAct == kHardswish) {
-    const V mid = z * (1.0f / 3.0f) + 0.5f;
+    const V mid = Fma(z, V{} + 1.0f / 3.0f, V{} + 0.5f);
     return z <= -3.0f ? V{} : (z < 3.0f ? mid : one);
   }
   return one;
@@ -1318,7 +1353,7 @@ struct BatchNormActGrad {
   template <typename V>
   inline V Slope(const float* xp, const float* gp, int64_t c) const {
     const V xv = Load<V>(xp + c);
-    return Load<V>(gp + c) * ActivationSlope<kAct>(xv * Load<V>(inv + c) + Load<V>(shift + c));
+    return Load<V>(gp + c) * ActivationSlope<kAct>(Fma(xv, Load<V>(inv + c), Load<V>(shift + c)));
   }
 
   void Reduce(int64_t begin, int64_t end, double* sum_g, double* sum_gx) const {
@@ -1333,7 +1368,7 @@ struct BatchNormActGrad {
           using V = decltype(lanes);
           const V gs = Slope<V>(xp, gp, c);
           Store<V>(rg.data() + c, Load<V>(rg.data() + c) + gs);
-          Store<V>(rgx.data() + c, Load<V>(rgx.data() + c) + gs * (Load<V>(xp + c) - Load<V>(mean + c)));
+          Store<V>(rgx.data() + c, Fma(gs, Load<V>(xp + c) - Load<V>(mean + c), Load<V>(rgx.data() + c)));
         });
       }
       for (int64_t c = 0; c < C; ++c) {
@@ -1350,8 +1385,8 @@ struct BatchNormActGrad {
       float* out = dx + i * C;
       ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
         using V = decltype(lanes);
-        Store<V>(out + c, Slope<V>(xp, gp, c) * Load<V>(a + c) - Load<V>(b + c) -
-                              (Load<V>(xp + c) - Load<V>(mean + c)) * Load<V>(cc + c));
+        const V centred = Load<V>(xp + c) - Load<V>(mean + c);
+        Store<V>(out + c, Fma(-centred, Load<V>(cc + c), Fma(Slope<V>(xp, gp, c), Load<V>(a + c), -Load<V>(b + c))));
       });
     }
   }

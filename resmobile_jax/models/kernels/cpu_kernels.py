@@ -58,7 +58,10 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
 }
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "hardswish": 2}  # cpu_kernels.cc's enum Activation
 # -march=native: the library is cached per CPU (see _cpu_signature); -O3 vectorizes the channel loops.
-COMPILE_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"]
+# -ffp-contract=off on x86-64: the multiply-adds are explicit FMAs (cpu_kernels.cc's Fma), and the compiler fusing
+# others on its own made outputs depend on how a loop is blocked.
+COMPILE_FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC"] + (
+    ["-ffp-contract=off"] if platform.machine().lower() in ("x86_64", "amd64") else [])
 
 
 class KernelUnavailable(RuntimeError):

@@ -1,5 +1,7 @@
 """Building the C++ depthwise kernel: cached per source/CPU, concurrent-safe, clear errors without a compiler."""
 
+import platform
+
 import pytest
 
 from resmobile_jax.bench.system import cpu_flags
@@ -65,25 +67,33 @@ def test_another_version_of_the_kernels_runs_beside_this_one(tmp_path, monkeypat
             np.testing.assert_allclose(theirs, ours, rtol=3e-7, atol=1e-7)
 
 
+# The native build against the same source at AVX2 width (on AVX-512 CPUs) and with the compiler free to fuse
+# multiplies and adds on its own (GCC's default): both must change nothing.
+OTHER_BUILD_FLAGS = (("-mno-avx512f",) if "avx512f" in cpu_flags() else ()) + ("-ffp-contract=fast",)
+
+
 @pytest.mark.slow
-@pytest.mark.skipif("avx512f" not in cpu_flags(), reason="the 16-lane paths exist only on an AVX-512 CPU")
+@pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
+                    reason="-ffp-contract=off and the explicit FMAs are the x86-64 build's")
 @pytest.mark.parametrize("variant", ["v1", "v2"])
-def test_avx512_and_avx2_builds_embed_and_train_bit_identically(variant):
-    """On AVX-512 the kernels run 16 channels per instruction (8 for what is left); each output channel's sum is
-    still the same chain of multiply-adds, so nothing may change by one bit against the same source built at AVX2
-    width: the whole embedding at 224 px, batch 8 (every fused eval path: stems, inverted residuals with and without
-    SE, the tail's bottlenecks; every panel width, 32, 16 and 8 channels and the widths 24, 40, 72, 120, 184, 200
-    leave), and a train step's loss and gradient norm at 64 px, batch 8 (the depthwise, dense-conv and BatchNorm
-    gradient kernels)."""
+def test_builds_at_other_widths_and_contraction_embed_and_train_bit_identically(variant):
+    """Every multiply-add in cpu_kernels.cc is an explicit FMA (its `Fma`) and each output channel's sum is the same
+    chain of them whatever the vector width or block of pixels, so nothing may change by one bit against the same
+    source built at AVX2 width (on an AVX-512 CPU; the 16-lane paths) and with -ffp-contract=fast (a multiply-add
+    written without Fma would be fused there and not in the native build): the whole embedding at 224 px, batch 8
+    (every fused eval path: stems, inverted residuals with and without SE, the tail's bottlenecks; every panel width,
+    32, 16 and 8 channels and the widths 24, 40, 72, 120, 184, 200 leave; depthwise lines of 7 to 112 pixels, their
+    edge pixels in pairs), and a train step's loss and gradient norm at 64 px, batch 8 (the depthwise, dense-conv and
+    BatchNorm gradient kernels)."""
     import numpy as np
 
     from resmobile_jax.bench.ab import eval_call, kernel_calls, train_call
 
-    calls = kernel_calls(eval_call, str(cpu_kernels.SOURCE), variant, 224, 8, compile_flags=("-mno-avx512f",))
-    avx2, native = (np.asarray(call()) for call in calls.values())
+    calls = kernel_calls(eval_call, str(cpu_kernels.SOURCE), variant, 224, 8, compile_flags=OTHER_BUILD_FLAGS)
+    other, native = (np.asarray(call()) for call in calls.values())
     assert native.shape == (8, 512) and np.all(np.isfinite(native))
-    np.testing.assert_array_equal(native, avx2)
-    calls = kernel_calls(train_call, str(cpu_kernels.SOURCE), variant, 64, 8, compile_flags=("-mno-avx512f",))
-    avx2, native = (call() for call in calls.values())
+    np.testing.assert_array_equal(native, other, err_msg=f"built with {OTHER_BUILD_FLAGS}")
+    calls = kernel_calls(train_call, str(cpu_kernels.SOURCE), variant, 64, 8, compile_flags=OTHER_BUILD_FLAGS)
+    other, native = (call() for call in calls.values())
     for key in ("loss", "grad_norm"):
-        assert np.isfinite(float(native[key])) and float(native[key]) == float(avx2[key]), key
+        assert np.isfinite(float(native[key])) and float(native[key]) == float(other[key]), key

@@ -118,9 +118,8 @@ typedef float Vec8 __attribute__((vector_size(32), aligned(4), may_alias));  // 
 // The widest vector the CPU has (the library is compiled with -march=native): on AVX-512 CPUs the multiply-add
 // loops of the eval-mode 1x1 convolutions, the dense convolutions and the depthwise lines run 16 channels per
 // instruction, 8-channel vectors covering what is left (the network's widths are multiples of 8, not of 16).
-// Each output channel's sum is the same chain of multiply-adds at either width, so outputs are bit-identical to the
-// AVX2 build (tested) as long as GCC fuses the same multiplies and adds into FMAs (-ffp-contract=fast decides that
-// per code shape: see DepthwiseKernelGradWith).
+// Each output channel's sum is the same chain of multiply-adds (Fma, below) at either width, so outputs are
+// bit-identical to the AVX2 build (tested).
 #ifdef __AVX512F__
 typedef float VecW __attribute__((vector_size(64), aligned(4), may_alias));
 #else

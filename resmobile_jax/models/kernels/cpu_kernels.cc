@@ -232,30 +232,34 @@ inline void SumPixels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64
     for (int v = 0; v < NV; ++v) Store<V>(out + (m + u) * out_stride + ch + v * kLanes, acc[u][v]);
 }
 
-// All channels of outputs m .. m+Q-1. Channels innermost, so a block of outputs reads contiguous runs of its input
-// pixels (channel blocks outermost swept each line C/8 times in strided 32-byte pieces: wide layers ran at ~5 GB/s).
+// Channels [ch, ch_end) (SumLine's chunk of up to 8 wide vectors) of outputs m .. m+Q-1. Channels innermost within
+// the chunk, so a block of outputs reads contiguous runs of its input pixels (8-channel blocks outermost swept each
+// line C/8 times in strided 32-byte pieces: wide layers ran at ~5 GB/s).
 // Blocks of fewer than 8 pixels take several channel vectors at once, so that there are still up to 8 independent
 // sums: one pixel and one vector at a time waited on the multiply-add latency (4 cycles) at every tap, and on 7x7
 // maps with a 5x5 kernel every output is such a pixel (2 edge outputs each side, 3 inside: too few for a block).
 template <int Q, int NV, bool kChecked, typename V = VecW>
 inline int64_t SumChannelBlocks(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m,
-                                int64_t ch, float* out, int64_t out_stride) {
-  for (; ch + kLanesOf<V> * NV <= C; ch += kLanesOf<V> * NV)
+                                int64_t ch, int64_t ch_end, float* out, int64_t out_stride) {
+  for (; ch + kLanesOf<V> * NV <= ch_end; ch += kLanesOf<V> * NV)
     SumPixels<V, Q, NV, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
   return ch;
 }
 
 template <int Q, bool kChecked>
-inline void SumPixelsAllChannels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t m,
-                                 float* out, int64_t out_stride) {
-  int64_t ch = 0;
-  if constexpr (Q == 1 || (Q == 2 && kWide > 8)) ch = SumChannelBlocks<Q, 8, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  if constexpr (Q < 4) ch = SumChannelBlocks<Q, 4, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  if constexpr (Q < 8) ch = SumChannelBlocks<Q, 2, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  ch = SumChannelBlocks<Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  if constexpr (kWide > 8) ch = SumChannelBlocks<Q, 1, kChecked, Vec8>(taps, n, a, in_w, C, m, ch, out, out_stride);
-  for (; ch < C; ++ch) SumPixels<float, Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
+inline void SumPixelChannels(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t ch,
+                                 int64_t ch_end, int64_t m, float* out, int64_t out_stride) {
+  if constexpr (Q == 1 || (Q == 2 && kWide > 8))
+    ch = SumChannelBlocks<Q, 8, kChecked>(taps, n, a, in_w, C, m, ch, ch_end, out, out_stride);
+  if constexpr (Q < 4) ch = SumChannelBlocks<Q, 4, kChecked>(taps, n, a, in_w, C, m, ch, ch_end, out, out_stride);
+  if constexpr (Q < 8) ch = SumChannelBlocks<Q, 2, kChecked>(taps, n, a, in_w, C, m, ch, ch_end, out, out_stride);
+  ch = SumChannelBlocks<Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, ch_end, out, out_stride);
+  if constexpr (kWide > 8)
+    ch = SumChannelBlocks<Q, 1, kChecked, Vec8>(taps, n, a, in_w, C, m, ch, ch_end, out, out_stride);
+  for (; ch < ch_end; ++ch) SumPixels<float, Q, 1, kChecked>(taps, n, a, in_w, C, m, ch, out, out_stride);
 }
+
+constexpr int64_t kLineChannels = 8 * kWide;
 
 // out[m * out_stride + :C] for m in [0, count), taps in list order (n may be 0: zeros).
 void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int64_t count, float* out,
@@ -266,17 +270,23 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
     col_max = t == 0 ? taps[t].col : std::max(col_max, taps[t].col);
   }
   const auto [m_lo, m_hi] = InBoundsOutputs(col_min, col_max, a, in_w, count);  // every tap in bounds
-  int64_t m = 0;
-  for (; m + 2 <= m_lo; m += 2) SumPixelsAllChannels<2, true>(taps, n, a, in_w, C, m, out, out_stride);
-  for (; m < m_lo; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
-  // 8 outputs per block where the line is long (8 independent sums hide the FMA latency: the 112x112x64 stride-2
-  // forward 12.8 -> 8.8 ms), then 4, then pairs, then single pixels.
-  for (; m + 8 <= m_hi; m += 8) SumPixelsAllChannels<8, false>(taps, n, a, in_w, C, m, out, out_stride);
-  for (; m + 4 <= m_hi; m += 4) SumPixelsAllChannels<4, false>(taps, n, a, in_w, C, m, out, out_stride);
-  for (; m + 2 <= m_hi; m += 2) SumPixelsAllChannels<2, false>(taps, n, a, in_w, C, m, out, out_stride);
-  for (; m < m_hi; ++m) SumPixelsAllChannels<1, false>(taps, n, a, in_w, C, m, out, out_stride);
-  for (; m + 2 <= count; m += 2) SumPixelsAllChannels<2, true>(taps, n, a, in_w, C, m, out, out_stride);
-  for (; m < count; ++m) SumPixelsAllChannels<1, true>(taps, n, a, in_w, C, m, out, out_stride);
+  // Channels in chunks of up to 8 wide vectors (128 on AVX-512), all pixels of the line per chunk: a chunk's
+  // weights and input pixels stay in L1 while its pixels are summed (all 960 channels of a 7x7, 5x5 layer at once
+  // are 96 KB of weights and 134 KB of input rows, read from L2 for every pixel).
+  for (int64_t c0 = 0; c0 < C; c0 += kLineChannels) {
+    const int64_t c1 = std::min(C, c0 + kLineChannels);
+    int64_t m = 0;
+    for (; m + 2 <= m_lo; m += 2) SumPixelChannels<2, true>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+    for (; m < m_lo; ++m) SumPixelChannels<1, true>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+    // 8 outputs per block where the line is long (8 independent sums hide the FMA latency: the 112x112x64
+    // stride-2 forward 12.8 -> 8.8 ms), then 4, then pairs, then single pixels.
+    for (; m + 8 <= m_hi; m += 8) SumPixelChannels<8, false>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+    for (; m + 4 <= m_hi; m += 4) SumPixelChannels<4, false>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+    for (; m + 2 <= m_hi; m += 2) SumPixelChannels<2, false>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+    for (; m < m_hi; ++m) SumPixelChannels<1, false>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+    for (; m + 2 <= count; m += 2) SumPixelChannels<2, true>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+    for (; m < count; ++m) SumPixelChannels<1, true>(taps, n, a, in_w, C, c0, c1, m, out, out_stride);
+  }
 }
 
 // The eval-mode epilogue (BatchNorm folded into scale and shift, then the activation): act(v * scale[c] + shift[c])

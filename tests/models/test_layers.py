@@ -397,6 +397,40 @@ def test_batchnorm_kernel_statistics_hold_for_a_large_mean(rng):
     np.testing.assert_allclose(np.asarray(var), x64.var(axis=(0, 1, 2)), rtol=1e-5)
 
 
+@pytest.mark.slow
+def test_batchnorm_kernels_on_a_map_larger_than_the_caches_match_torch(rng):
+    """A 67 MB map (16.8M floats, 32 channels, 64-byte aligned by XLA): on AVX-512 CPUs the BN kernels write its
+    output and input gradient with non-temporal stores (cpu_kernels.cc's Streamable), every value of which must
+    still arrive: output, statistics and gradients against torch's BatchNorm2d. (No activation: at this size some
+    outputs fall within rounding of ReLU's kink, where the two frameworks' gradients may differ by a whole g.)"""
+    n, h, w, c = 16, 128, 256, 32
+    assert n * h * w * c >= 16 << 20  # cpu_kernels.cc's kStreamingMinFloats
+    x = (1.0 + rng.standard_normal((n, h, w, c))).astype(np.float32)
+    gamma, beta = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+    g = rng.standard_normal((n, h, w, c)).astype(np.float32)
+    tbn = torch.nn.BatchNorm2d(c, eps=1e-3)
+    with torch.no_grad():
+        tbn.weight.copy_(torch.from_numpy(gamma))
+        tbn.bias.copy_(torch.from_numpy(beta))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)  # NHWC memory, as channels_last
+    yt = tbn(xt)
+    yt.backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+
+    def loss(x, gamma, beta):
+        y, mean, var = cpu_kernels.batch_norm_act(x, gamma, beta, 1e-3, "identity")
+        return jnp.vdot(y, jnp.asarray(g)), (y, mean, var)
+
+    (dx, dgamma, dbeta), (y, mean, var) = jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))(
+        jnp.asarray(x), jnp.asarray(gamma), jnp.asarray(beta))
+    np.testing.assert_allclose(np.asarray(y), yt.detach().permute(0, 2, 3, 1).numpy(), rtol=1e-4, atol=1e-4)
+    x64 = x.astype(np.float64)  # (torch's float32 variance over 524k values is ~6e-5 off)
+    np.testing.assert_allclose(np.asarray(mean), x64.mean(axis=(0, 1, 2)), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(var), x64.var(axis=(0, 1, 2)), rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(dx), xt.grad.permute(0, 2, 3, 1).numpy(), rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dgamma), tbn.weight.grad.numpy(), rtol=1e-3, atol=0.5)
+    np.testing.assert_allclose(np.asarray(dbeta), tbn.bias.grad.numpy(), rtol=1e-3, atol=0.5)
+
+
 def test_conv_init_is_torchvision_fan_out_normal():
     w = np.asarray(layers.conv_init(np.random.default_rng(0), (3, 3, 64, 128), jnp.float32))
     ref = torch.empty(128, 64, 3, 3)

@@ -204,10 +204,10 @@ inline V Fma(V a, V b, V c) {
 
 // Non-temporal stores for outputs much larger than the caches (training BatchNorm's output and input gradient; at
 // 224 px, batch 32, the 112x112x64 map's 103 MB): a plain store first reads each line it writes (read-for-ownership),
-// a third more memory traffic in a pass that is bound by it. Only for 64-byte aligned 16-float vectors: Streamable says whether all of a call's
-// stores are (C a multiple of 16, the buffer aligned), and StreamingDone orders them before the thread reports
-// its chunk done.
-constexpr int64_t kStreamingMinFloats = int64_t{16} << 20;  // 64 MB: past any L3 a 2-core VM sees
+// a third more memory traffic in a pass that is bound by it. Only for 64-byte aligned 16-float vectors: Streamable
+// says whether all of a call's stores are (C a multiple of 16, the buffer aligned), and StreamingDone orders them
+// before the thread reports its chunk done. (A 16 MB threshold measured no better: benchmarks/SPEED.md.)
+constexpr int64_t kStreamingMinFloats = int64_t{16} << 20;  // 64 MB, twice a Zen 5 CCD's L3
 inline bool Streamable(const float* out, int64_t floats, int64_t C) {
 #ifdef __AVX512F__
   return floats >= kStreamingMinFloats && C % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 64 == 0;
@@ -791,7 +791,8 @@ template <typename V>
 inline void AddRowTap(const float* xrow, const float* grow, int64_t C, int64_t s, int64_t col0, int64_t q_lo,
                       int64_t q_hi, int64_t ch, float* total) {
   V acc{};
-  for (int64_t q = q_lo; q < q_hi; ++q) acc = Fma(Load<V>(xrow + (q * s + col0) * C + ch), Load<V>(grow + q * C + ch), acc);
+  for (int64_t q = q_lo; q < q_hi; ++q)
+    acc = Fma(Load<V>(xrow + (q * s + col0) * C + ch), Load<V>(grow + q * C + ch), acc);
   Store<V>(total + ch, Load<V>(total + ch) + acc);
 }
 
@@ -1301,7 +1302,8 @@ void RowMoments(const float* x, int64_t pixels, int64_t C, float* sum, float* m2
   }
   for (int64_t c = 0; c < C; ++c) {
     (*mean_b)[c] = static_cast<double>(x[c]) + sum[c];
-    (*m2_b)[c] = Fma(static_cast<double>(sum[c]), static_cast<double>(sum[c]), static_cast<double>(m2[c]));  // pixel 0 itself: deviation -mean
+    const double rel_mean = sum[c];  // the mean relative to pixel 0
+    (*m2_b)[c] = Fma(rel_mean, rel_mean, static_cast<double>(m2[c]));  // pixel 0 itself: deviation -mean
   }
   acc->Merge(static_cast<double>(pixels), mean_b->data(), m2_b->data());
 }

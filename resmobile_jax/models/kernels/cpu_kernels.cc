@@ -216,13 +216,16 @@ inline bool Streamable(const float* out, int64_t floats, int64_t C) {
   return false;
 #endif
 }
-template <typename V>
-inline void StoreStreaming(float* p, V v) {
+// Store<V>, or with kStream (Streamable said yes) a non-temporal store of a 16-float vector.
+template <bool kStream, typename V>
+inline void StoreOut(float* p, V v) {
 #ifdef __AVX512F__
-  _mm512_stream_ps(p, (__m512)v);
-#else
-  Store<V>(p, v);
+  if constexpr (kStream && kLanesOf<V> == 16) {
+    _mm512_stream_ps(p, (__m512)v);
+    return;
+  }
 #endif
+  Store<V>(p, v);
 }
 inline void StreamingDone() {
 #ifdef __AVX512F__
@@ -351,9 +354,7 @@ void ApplyEpilogue(const Epilogue& e, const float* src, float* dst, int64_t pixe
     float* v = dst + m * C;
     ForChannelVectors(0, C, [&](auto lanes, int64_t c) {
       using V = decltype(lanes);
-      const V t = Activate<kAct>(Fma(Load<V>(u + c), Load<V>(e.scale + c), Load<V>(e.shift + c)));
-      if constexpr (kStream && kLanesOf<V> == 16) StoreStreaming(v + c, t);
-      else Store<V>(v + c, t);
+      StoreOut<kStream>(v + c, Activate<kAct>(Fma(Load<V>(u + c), Load<V>(e.scale + c), Load<V>(e.shift + c))));
     });
   }
   if constexpr (kStream) StreamingDone();
@@ -1438,21 +1439,17 @@ struct BatchNormActGrad {
         using V = decltype(lanes);
         const V centred = Load<V>(xp + c) - Load<V>(mean + c);
         const V v = Fma(-centred, Load<V>(cc + c), Fma(Slope<V>(xp, gp, c), Load<V>(a + c), -Load<V>(b + c)));
-        if constexpr (kStream && kLanesOf<V> == 16) StoreStreaming(out + c, v);
-        else Store<V>(out + c, v);
+        StoreOut<kStream>(out + c, v);
       });
     }
+    if constexpr (kStream) StreamingDone();
   }
 
   // dx's rows [begin, end); `stream`: Streamable(dx, its size, C).
   void Write(int64_t begin, int64_t end, const float* a, const float* b, const float* cc, float* dx,
              bool stream) const {
-    if (stream) {
-      WriteRows<true>(begin, end, a, b, cc, dx);
-      StreamingDone();
-    } else {
-      WriteRows<false>(begin, end, a, b, cc, dx);
-    }
+    if (stream) WriteRows<true>(begin, end, a, b, cc, dx);
+    else WriteRows<false>(begin, end, a, b, cc, dx);
   }
 };
 

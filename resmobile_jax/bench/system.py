@@ -99,18 +99,28 @@ def cpu_flags(info: str | None = None) -> set[str]:
                     []))
 
 
-def cpu_peak_gflops() -> tuple[float | None, str]:
-    """Nominal fp32 peak of the cores this process may use: cores x clock x FLOP/cycle of the widest FMA the CPU
-    reports (AVX-512: 64, AVX2+FMA: 32, else 8). An upper bound for comparison, not a promise (turbo, 1 vs 2 FMA
-    ports and VM clock reporting all move it)."""
-    info = _cpuinfo()
+def fma_flops_per_cycle(info: str) -> tuple[int, str]:
+    """fp32 FLOP per cycle and core of the widest FMA the CPU in `info` (/proc/cpuinfo's text) has: 2 FMA ports of
+    its vector width. AMD's family 25 (Zen 4) runs AVX-512 on 256-bit units, so it peaks at the AVX2 rate."""
+    flags = cpu_flags(info)
+    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines()) if v}
+    if "avx512f" in flags:
+        if field.get("vendor_id") == "AuthenticAMD" and field.get("cpu family") == "25":
+            return 32, "AVX-512 on 256-bit units (AMD Zen 4)"
+        return 64, "AVX-512"
+    return (32, "AVX2+FMA") if "fma" in flags else (8, "SSE")
+
+
+def cpu_peak_gflops(info: str | None = None) -> tuple[float | None, str]:
+    """Nominal fp32 peak of the cores this process may use: cores x clock x FLOP/cycle (fma_flops_per_cycle). An
+    upper bound for comparison, not a promise (turbo, 1 vs 2 FMA ports and VM clock reporting all move it)."""
+    info = _cpuinfo() if info is None else info
     if info is None:
         return None, "unknown (no /proc/cpuinfo)"
-    flags = cpu_flags(info)
     mhz = next((float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")), None)
     if not mhz:
         return None, "unknown (no clock in /proc/cpuinfo)"
-    per_cycle, isa = (64, "AVX-512") if "avx512f" in flags else (32, "AVX2+FMA") if "fma" in flags else (8, "SSE")
+    per_cycle, isa = fma_flops_per_cycle(info)
     cores = usable_cores()
     return cores * mhz / 1e3 * per_cycle, f"{cores} cores x {mhz / 1e3:.2f} GHz x {per_cycle} FLOP/cycle ({isa})"
 

@@ -85,6 +85,25 @@ def test_cpu_peak_estimate_names_its_inputs():
     assert peak is None or (peak > 1 and "GHz" in how)
 
 
+def _cpuinfo(family: str, flags: str, vendor: str = "AuthenticAMD") -> str:
+    """The lines of /proc/cpuinfo the estimate reads, as the 2-core EPYC VMs of this project print them."""
+    return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
+            f"cpu MHz\t\t: 2596.130\nflags\t\t: fpu sse sse2 {flags}\n\n")
+
+
+@pytest.mark.parametrize("family, flags, vendor, per_cycle", [
+    ("25", "avx2 fma avx512f avx512bw", "AuthenticAMD", 32),  # Zen 4: AVX-512 on 256-bit FMA units
+    ("26", "avx2 fma avx512f avx512bw", "AuthenticAMD", 64),  # Zen 5: 512-bit units
+    ("6", "avx2 fma avx512f", "GenuineIntel", 64),
+    ("23", "avx2 fma", "AuthenticAMD", 32),  # the AVX2 EPYC
+    ("6", "sse4_2", "GenuineIntel", 8),
+])
+def test_cpu_peak_estimate_knows_each_cpus_fma_width(family, flags, vendor, per_cycle):
+    peak, how = cpu_peak_gflops(_cpuinfo(family, flags, vendor))
+    assert f"x {per_cycle} FLOP/cycle" in how
+    assert peak == pytest.approx(usable_cores() * 2.59613 * per_cycle)
+
+
 def test_step_megabytes_counts_a_donated_buffer_once():
     import jax
     import jax.numpy as jnp

@@ -91,19 +91,31 @@ def time_jitted(fn, *args, **kwargs) -> dict:
     return {"compile_seconds": round(seconds, 2), **repeat_timing(lambda: jax.block_until_ready(compiled(*args)), **kwargs)}
 
 
+def cpu_model(info: str) -> str:
+    """The processor in /proc/cpuinfo's text: its model name, and its vendor, family and model numbers, which tell
+    CPUs apart where a VM shows only 'AMD EPYC' (family 25 is Zen 3/4, 26 Zen 5)."""
+    field = {}
+    for line in info.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() not in field:  # the first CPU's
+            field[key.strip()] = value.strip()
+    ids = " ".join(f"{label}{field[key]}" for key, label in (("vendor_id", ""), ("cpu family", "family "),
+                                                               ("model", "model ")) if key in field)
+    return field.get("model name", "unknown CPU") + (f" ({ids})" if ids else "")
+
+
 def device_description() -> str:
-    """'NVIDIA H100 80GB HBM3' on a GPU; on a CPU the processor model and the cores this process may use."""
+    """'NVIDIA H100 80GB HBM3' on a GPU; on a CPU the processor (cpu_model) and the cores this process may use."""
     d = jax.devices()[0]
     if d.platform != "cpu":
         return f"{d.device_kind} ({d.platform})"
     import os
 
-    model = "unknown CPU"
     try:
         with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), model)
+            model = cpu_model(f.read())
     except OSError:
-        pass
+        model = "unknown CPU"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return f"{model}, {cores} cores (cpu)"
 

@@ -6,6 +6,7 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,10 +86,15 @@ def test_cpu_peak_estimate_names_its_inputs():
     assert peak is None or (peak > 1 and "GHz" in how)
 
 
-def _cpuinfo(family: str, flags: str, vendor: str = "AuthenticAMD") -> str:
-    """The lines of /proc/cpuinfo the estimate reads, as the 2-core EPYC VMs of this project print them."""
-    return (f"processor\t: 0\nvendor_id\t: {vendor}\ncpu family\t: {family}\nmodel\t\t: 17\nmodel name\t: AMD EPYC\n"
-            f"cpu MHz\t\t: 2596.130\nflags\t\t: fpu sse sse2 {flags}\n\n")
+CPUINFO = Path(__file__).parents[1] / "fixtures" / "cpuinfo_epyc_zen4.txt"  # the first CPU of a 2-core Zen 4 VM
+
+
+def _cpuinfo(family: str, flags: str, vendor: str) -> str:
+    """That real /proc/cpuinfo text as another CPU would print it: vendor, family and flags replaced."""
+    text = CPUINFO.read_text()
+    for key, value in (("vendor_id", vendor), ("cpu family", family), ("flags", flags)):
+        text = re.sub(rf"^{key}\s*:.*$", f"{key}\t: {value}", text, count=1, flags=re.M)
+    return text
 
 
 @pytest.mark.parametrize("family, flags, vendor, per_cycle", [
@@ -99,7 +105,9 @@ def _cpuinfo(family: str, flags: str, vendor: str = "AuthenticAMD") -> str:
     ("6", "sse4_2", "GenuineIntel", 8),
 ])
 def test_cpu_peak_estimate_knows_each_cpus_fma_width(family, flags, vendor, per_cycle):
-    peak, how = cpu_peak_gflops(_cpuinfo(family, flags, vendor))
+    info = _cpuinfo(family, flags, vendor)
+    assert f"cpu family\t: {family}\n" in info and info.count("\n") == CPUINFO.read_text().count("\n")
+    peak, how = cpu_peak_gflops(info)
     assert f"x {per_cycle} FLOP/cycle" in how
     assert peak == pytest.approx(usable_cores() * 2.59613 * per_cycle)
 

@@ -43,17 +43,48 @@ class SqueezeExcitation(nnx.Module):
     def weights(self, dtype) -> tuple[jax.Array, ...]:
         return tuple(p[...].astype(dtype) for p in (self.fc1.kernel, self.fc1.bias, self.fc2.kernel, self.fc2.bias))
 
-    def __call__(self, x):
+    def __call__(self, x, eval_kernels: bool = False):
+        """`eval_kernels`: the block runs eval mode in float32 with the C++ kernels (se_channel_scale)."""
         dtype = self.fc1.dtype or x.dtype
-        scale = se_channel_scale(global_avg_pool(x).astype(dtype), self.weights(dtype))
+        scale = se_channel_scale(global_avg_pool(x).astype(dtype), self.weights(dtype), eval_kernels)
         return x * scale[:, None, None, :].astype(x.dtype)
 
 
-def se_channel_scale(pooled, weights):
+# Eval mode computes the SE scale of at most this many images in one C++ kernel call (cpu_kernels.se_scale_forward)
+# that splits its matrix-vector products over both cores: at batch 1 they are bound by reading weights that are cold
+# in cache at every call (V2 224 px: 0.5 ms of a 7 ms call on a Zen 4, benchmarks/SPEED.md). With more images XLA's
+# matmuls reuse each weight over the rows.
+SE_KERNEL_MAX_IMAGES = 4
+
+
+def se_channel_scale(pooled, weights, eval_kernels: bool = False):
     """The SE's per-image channel scale from the globally pooled features; weights = (fc1 kernel, fc1 bias, fc2
-    kernel, fc2 bias)."""
+    kernel, fc2 bias). With `eval_kernels` and few images (SE_KERNEL_MAX_IMAGES), float32, in one C++ call."""
+    if eval_kernels and pooled.shape[0] <= SE_KERNEL_MAX_IMAGES and pooled.dtype == jnp.float32:
+        return se_scale_kernel(pooled, weights)
+    return _se_channel_scale(pooled, weights)
+
+
+def _se_channel_scale(pooled, weights):
     w1, b1, w2, b2 = weights
     return hard_sigmoid(jax.nn.relu(pooled @ w1 + b1) @ w2 + b2)
+
+
+@jax.custom_vjp
+def se_scale_kernel(pooled, weights):
+    """cpu_kernels.se_scale_forward, differentiable (frozen-BN fine-tuning): the backward pass is the XLA form's."""
+    return cpu_kernels.se_scale_forward(pooled, *weights)
+
+
+def _se_scale_fwd(pooled, weights):
+    return se_scale_kernel(pooled, weights), (pooled, weights)
+
+
+def _se_scale_bwd(saved, g):
+    return jax.vjp(_se_channel_scale, *saved)[1](g)
+
+
+se_scale_kernel.defvjp(_se_scale_fwd, _se_scale_bwd)
 
 
 def folded_for_kernel(layer: ConvBNAct) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -147,7 +178,7 @@ class InvertedResidual(nnx.Module):
             y = x if self.expand is None else self.expand(x)
             y = self.depthwise(y)
         if self.se is not None:
-            y = self.se(y)
+            y = self.se(y, eval_kernels=self.depthwise.runs_as_one_kernel(dtype))
         y = self.project(y)
         return y + x if self.use_residual else y
 
@@ -180,7 +211,8 @@ def inverted_residual_kernel(activation: str, stride: int, padding: int, residua
         return cpu_kernels.inverted_residual_forward(x, expand, depthwise, project, activation, stride, padding,
                                                      residual)
     y, pooled = cpu_kernels.expand_depthwise_forward(x, expand, depthwise, activation, stride, padding)
-    return cpu_kernels.se_project_forward(y, se_channel_scale(pooled, se), project, x if residual else None)
+    return cpu_kernels.se_project_forward(y, se_channel_scale(pooled, se, eval_kernels=True), project,
+                                          x if residual else None)
 
 
 def _inverted_residual_fwd(activation, stride, padding, residual, x, expand, depthwise, se, project):

@@ -203,3 +203,41 @@ def test_the_bottleneck_fusion_follows_the_config():
     assert tail_fused() == [True] * 6
     assert tail_fused(fuse_eval_bottleneck=False) == [False] * 6
     assert tail_fused(fuse_eval_bn=False) == [False] * 6  # fuse_eval_bn off turns every eval fusion off
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("channels", [960, 72, 44])  # 44 -> 16: chunks of 16 columns plus a part vector and scalars
+def test_eval_squeeze_excitation_matches_torchvision(channels, batch, rng):
+    """MobileNetV3's SE (torchvision.ops.SqueezeExcitation, Hardsigmoid scale) against ours in eval mode: up to
+    SE_KERNEL_MAX_IMAGES images the scale is one C++ call (cpu_kernels.se_scale_forward), beyond that XLA's matmuls;
+    gradients (frozen-BN fine-tuning) equal the XLA form's."""
+    import torch
+    from torchvision.ops import SqueezeExcitation as TorchSE
+    from torchvision.models._utils import _make_divisible
+
+    squeeze = _make_divisible(channels // 4, 8)
+    reference = TorchSE(channels, squeeze, scale_activation=torch.nn.Hardsigmoid).eval()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.copy_(torch.from_numpy(rng.standard_normal(p.shape).astype(np.float32) * 0.2))
+    se = blocks.SqueezeExcitation(channels, squeeze, rng=np.random.default_rng(0))
+    se.fc1.kernel[...] = jnp.asarray(reference.fc1.weight.detach().numpy()[:, :, 0, 0].T)
+    se.fc1.bias[...] = jnp.asarray(reference.fc1.bias.detach().numpy())
+    se.fc2.kernel[...] = jnp.asarray(reference.fc2.weight.detach().numpy()[:, :, 0, 0].T)
+    se.fc2.bias[...] = jnp.asarray(reference.fc2.bias.detach().numpy())
+    x = rng.standard_normal((batch, 5, 7, channels)).astype(np.float32)
+    want = reference(torch.from_numpy(x).permute(0, 3, 1, 2)).permute(0, 2, 3, 1).detach().numpy()
+
+    graphdef, params = nnx.split(se)
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x, eval_kernels=True))
+    text = forward.lower(params, jnp.asarray(x)).as_text()
+    assert ("@resmobile_se_scale_forward(" in text) == (batch <= blocks.SE_KERNEL_MAX_IMAGES)
+    np.testing.assert_allclose(np.asarray(forward(params, jnp.asarray(x))), want, rtol=1e-5, atol=1e-5)
+
+    def gradients(eval_kernels):
+        loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, eval_kernels=eval_kernels) ** 2)
+        return jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+
+    for got, want_g in zip(jax.tree.leaves(gradients(True)), jax.tree.leaves(gradients(False))):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want_g), rtol=1e-4,
+                                   atol=1e-4 * float(jnp.abs(want_g).max()))

@@ -92,6 +92,15 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t total, int64_t pieces, Body body
 // A few chunks per thread, so a thread that starts late or runs slow does not leave the others waiting.
 int64_t Pieces(ffi::ThreadPool& pool) { return 4 * std::max<int64_t>(1, pool.num_threads()); }
 
+// The chunks of a call over `rows` rows whose chunks keep no partial sums: one per thread for calls of few rows (a
+// batch-1 embedding's maps have at most 112), where each further chunk's handoff costs more than an uneven split
+// would (one chunk per thread in every such call: V2 224 px batch-1 embed 0.967x the time on a 2-core Zen 4, batch
+// 32 1.012x, so only below kFewRows). The outputs do not depend on the chunking.
+constexpr int64_t kFewRows = 128;
+int64_t PiecesOf(ffi::ThreadPool& pool, int64_t rows) {
+  return rows < kFewRows ? std::max<int64_t>(1, pool.num_threads()) : Pieces(pool);
+}
+
 // The chunks ParallelFor makes of `rows` rows, for callers that keep per-chunk accumulators.
 int64_t PiecesFor(ffi::ThreadPool& pool, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
@@ -562,7 +571,7 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const float* src = xd;        // the depthwise convolution's input rows, when not in a ring
   if (computed && g.n * g.ho < 2 * g.k * Pieces(pool)) {
     expanded.resize(g.n * g.h * row_size);
-    ParallelFor(pool, g.n * g.h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    ParallelFor(pool, g.n * g.h, PiecesOf(pool, g.n * g.h), [&](int64_t begin, int64_t end, int64_t) {
       compute_rows(xd + begin * x_row, end - begin, expanded.data() + begin * row_size);
     });
     src = expanded.data();
@@ -572,7 +581,7 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const int64_t batch_in = expand ? std::min(g.h, RowsPerCall(g.w)) : 0;
   const int64_t capacity = expand ? g.k + batch_in - 1 : 0;
   const int64_t batch_out = project ? std::min(g.n * g.ho, RowsPerCall(g.wo)) : 0;
-  ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * g.ho, PiecesOf(pool, g.n * g.ho), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<Tap> taps(g.k * g.k);
     std::vector<float> ring(capacity * row_size);  // expanded input row hi in slot hi % capacity
     std::vector<int64_t> ring_row(capacity, -1);    // which (b * H + hi) each slot holds
@@ -709,7 +718,7 @@ ffi::Error SeProjectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::
   const float* sp = se.typed_data();
   const float* xp = x.element_count() != 0 ? x.typed_data() : nullptr;
   float* yp = y->typed_data();
-  ParallelFor(pool, n * panels, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, n * panels, PiecesOf(pool, n * panels), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> panel(c * 2 * kWide);  // the widest panel
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / panels, c0 = panel_start[task % panels];
@@ -762,7 +771,7 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ff
   const float* wd = w.typed_data();
   float* xd = dx->typed_data();
   const int64_t C = g.c;
-  ParallelFor(pool, g.n * g.h, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * g.h, PiecesOf(pool, g.n * g.h), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<Tap> taps(g.k * g.k);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.h, hi = row % g.h;
@@ -885,7 +894,7 @@ Padded PadRows(ffi::ThreadPool& pool, const Geometry& g, FillRow fill_row) {
   std::fill(pd + size - tail, pd + size, 0.0f);
   // Each padded row in one task: zeros where it is padding, the input row in between (zero-filling the whole
   // buffer first was a single-threaded 20 MB pass, a third of the V1 stem's forward time).
-  ParallelFor(pool, g.n * out.hp, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * out.hp, PiecesOf(pool, g.n * out.hp), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t prow = begin; prow < end; ++prow) {
       const int64_t b = prow / out.hp, hi = prow % out.hp - g.p;
       float* dst = pd + prow * row_floats;
@@ -1040,14 +1049,14 @@ ffi::Error DenseConvForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   float* yd = y->typed_data();
   const Padded xp = PadInput(pool, g, x.typed_data());
   if (!max_pool) {
-    ParallelFor(pool, g.n * g.ho, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+    ParallelFor(pool, g.n * g.ho, PiecesOf(pool, g.n * g.ho), [&](int64_t begin, int64_t end, int64_t) {
       for (int64_t row = begin; row < end; ++row) DenseForwardRow(g, co, xp, wd, epi, row, yd + row * g.wo * co);
     });
     return ffi::Error::Success();
   }
   const int64_t hp = PooledSize(g.ho), wp = PooledSize(g.wo);
   const int64_t row_size = g.wo * co;
-  ParallelFor(pool, g.n * hp, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * hp, PiecesOf(pool, g.n * hp), [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> ring(kPool * row_size);  // convolution row r in slot r % 3
     std::vector<int64_t> ring_row(kPool, -1);    // which (b * Ho + r) each slot holds
     for (int64_t prow = begin; prow < end; ++prow) {
@@ -1091,7 +1100,7 @@ ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
   const int64_t hp = PooledSize(h), wp = PooledSize(w);
   const float* xd = x.typed_data();
   float* yd = y->typed_data();
-  ParallelFor(pool, n * hp, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, n * hp, PiecesOf(pool, n * hp), [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t prow = begin; prow < end; ++prow) {
       const int64_t b = prow / hp, pr = prow % hp;
       const float* rows[kPool];
@@ -1103,6 +1112,74 @@ ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
       MaxPoolRow(rows, n_rows, w, c, wp, yd + prow * wp * c);
     }
   });
+  return ffi::Error::Success();
+}
+
+// y (n, m) = act(x (n, k) @ w (k, m) + b) for a few rows n, split over column chunks of y so that every thread
+// streams its own part of w: the squeeze-excitation's products are matrix-vector products at batch 1, bound by
+// reading weights that are cold in cache on every call (benchmarks/SPEED.md, 2026-12-06). Each output sums its k
+// products in order with FMAs, whatever the chunking. kAct: kRelu, or kIdentity then PyTorch's Hardsigmoid,
+// min(max(t + 3, 0), 6) / 6 (written out here, as layers.hard_sigmoid computes it).
+template <int64_t kAct>
+void SmallDense(ffi::ThreadPool& pool, const float* x, int64_t n, int64_t k, const float* w, const float* b,
+                int64_t m, float* y) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(pool.num_threads(), m / 16));
+  ParallelFor(pool, chunks, chunks, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      // Chunk edges on multiples of 16 columns (whole vectors; the last chunk takes what is left).
+      const int64_t j0 = m * chunk / chunks / 16 * 16;
+      const int64_t j1 = chunk + 1 == chunks ? m : m * (chunk + 1) / chunks / 16 * 16;
+      // The sums in a buffer of the chunk's own: summed in place in y, two chunks' edges sharing a cache line
+      // bounce it between the cores at every product (2.5x the time of one thread, measured).
+      std::vector<float> acc(j1 - j0);
+      for (int64_t r = 0; r < n; ++r) {
+        std::fill(acc.begin(), acc.end(), 0.0f);
+        for (int64_t c = 0; c < k; ++c) {
+          const float xv = x[r * k + c];
+          const float* wr = w + c * m + j0;
+          ForChannelVectors(0, j1 - j0, [&](auto v, int64_t j) {
+            using V = decltype(v);
+            if constexpr (std::is_same_v<V, float>) acc[j] = Fma(xv, wr[j], acc[j]);
+            else Store<V>(acc.data() + j, Fma(Broadcast<V>(xv), Load<V>(wr + j), Load<V>(acc.data() + j)));
+          });
+        }
+        float* out = y + r * m + j0;
+        ForChannelVectors(0, j1 - j0, [&](auto v, int64_t j) {
+          using V = decltype(v);
+          V t;
+          if constexpr (std::is_same_v<V, float>) t = acc[j] + b[j0 + j];
+          else t = Load<V>(acc.data() + j) + Load<V>(b + j0 + j);
+          if constexpr (kAct == kRelu) {
+            t = Activate<kRelu>(t);
+          } else {
+            const V six = V{} + 6.0f;
+            t = t + 3.0f;
+            t = t > V{} ? t : V{};
+            t = t < six ? t : six;
+            t = t / 6.0f;
+          }
+          if constexpr (std::is_same_v<V, float>) out[j] = t;
+          else Store<V>(out + j, t);
+        });
+      }
+    }
+  });
+}
+
+// The eval-mode squeeze-excitation's channel scale from the pooled features: hardsigmoid(relu(pooled @ w1 + b1)
+// @ w2 + b2), pooled (N, C), w1 (C, S), w2 (S, C); both products in SmallDense, one kernel call instead of XLA's
+// two dots and their two elementwise passes.
+ffi::Error SeScaleForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pooled, ffi::Buffer<ffi::F32> w1,
+                          ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::F32> w2, ffi::Buffer<ffi::F32> b2,
+                          ffi::ResultBuffer<ffi::F32> scale) {
+  auto pd = pooled.dimensions(), d1 = w1.dimensions(), d2 = w2.dimensions();
+  if (pd.size() != 2 || d1.size() != 2 || d2.size() != 2 || d1[0] != pd[1] || d2[0] != d1[1] || d2[1] != pd[1] ||
+      b1.element_count() != d1[1] || b2.element_count() != pd[1])
+    return ffi::Error::InvalidArgument("se_scale: shapes must be pooled (N, C), w1 (C, S), b1 (S), w2 (S, C), b2 (C)");
+  const int64_t n = pd[0], c = pd[1], sq = d1[1];
+  std::vector<float> hidden(n * sq);
+  SmallDense<kRelu>(pool, pooled.typed_data(), n, c, w1.typed_data(), b1.typed_data(), sq, hidden.data());
+  SmallDense<kIdentity>(pool, hidden.data(), n, sq, w2.typed_data(), b2.typed_data(), c, scale->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1374,7 +1451,7 @@ ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const Epilogue epi{f.inv.data(), f.shift.data(), activation};
   float* yd = y->typed_data();
   const bool stream = Streamable(yd, rows * width * C, C);
-  ParallelFor(pool, rows, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, rows, PiecesOf(pool, rows), [&](int64_t begin, int64_t end, int64_t) {
     ApplyEpilogue(epi, xd + begin * width * C, yd + begin * width * C, (end - begin) * width, C, stream);
   });
   return ffi::Error::Success();
@@ -1482,7 +1559,7 @@ void BatchNormActBackwardWith(ffi::ThreadPool& pool, const BatchNormActGrad<kAct
     cc[c] = static_cast<float>(gr * r * r * sgx / n);
   }
   const bool stream = Streamable(dx, rows * k.width * C, C);
-  ParallelFor(pool, rows, Pieces(pool), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, rows, PiecesOf(pool, rows), [&](int64_t begin, int64_t end, int64_t) {
     k.Write(begin, end, a.data(), b.data(), cc.data(), dx, stream);
   });
 }
@@ -1619,6 +1696,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileExpandDepthwiseForward, ExpandDepthwiseFo
                                   .Attr<int64_t>("stride")
                                   .Attr<int64_t>("padding")
                                   .Attr<int64_t>("activation"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileSeScaleForward, SeScaleForward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pooled (N, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w1 (C, S)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b1 (S)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // w2 (S, C)
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // b2 (C)
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileSeProjectForward, SeProjectForward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()

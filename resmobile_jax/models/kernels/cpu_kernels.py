@@ -49,6 +49,7 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_max_pool_forward": "ResmobileMaxPoolForward",
     "resmobile_expand_depthwise_forward": "ResmobileExpandDepthwiseForward",
     "resmobile_se_project_forward": "ResmobileSeProjectForward",
+    "resmobile_se_scale_forward": "ResmobileSeScaleForward",
     "resmobile_batch_norm_act_forward": "ResmobileBatchNormActForward",
     "resmobile_batch_norm_act_backward": "ResmobileBatchNormActBackward",
     "resmobile_batch_norm_statistics": "ResmobileBatchNormStatistics",
@@ -325,6 +326,14 @@ def expand_depthwise_forward(x, expand, depthwise, activation: str, stride: int,
                         *_expand_depthwise_args(x, expand, depthwise), stride=stride, padding=padding,
                         activation=ACTIVATION_CODES[activation])
     return y, row_sums.reshape(n, ho, c).sum(axis=1) / (ho * wo)
+
+
+def se_scale_forward(pooled, w1, b1, w2, b2):
+    """The eval-mode squeeze-excitation's channel scale, hardsigmoid(relu(pooled @ w1 + b1) @ w2 + b2), in one call
+    that splits each product over both cores (blocks.se_channel_scale; no gradient)."""
+    require()
+    f32 = jnp.float32
+    return _call("resmobile_se_scale_forward", pooled.shape, *(a.astype(f32) for a in (pooled, w1, b1, w2, b2)))
 
 
 def se_project_forward(d, se_scale, project, residual_input=None):

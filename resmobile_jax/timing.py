@@ -91,14 +91,20 @@ def time_jitted(fn, *args, **kwargs) -> dict:
     return {"compile_seconds": round(seconds, 2), **repeat_timing(lambda: jax.block_until_ready(compiled(*args)), **kwargs)}
 
 
-def cpu_model(info: str) -> str:
-    """The processor in /proc/cpuinfo's text: its model name, and its vendor, family and model numbers, which tell
-    CPUs apart where a VM shows only 'AMD EPYC' (family 25 is Zen 3/4, 26 Zen 5)."""
+def cpuinfo_fields(info: str) -> dict[str, str]:
+    """/proc/cpuinfo's text as {field: value} of the first CPU listed ('model name', 'cpu family', 'flags', ...)."""
     field = {}
     for line in info.splitlines():
         key, sep, value = line.partition(":")
-        if sep and key.strip() not in field:  # the first CPU's
+        if sep and key.strip() not in field:
             field[key.strip()] = value.strip()
+    return field
+
+
+def cpu_model(info: str) -> str:
+    """The processor in /proc/cpuinfo's text: its model name, and its vendor, family and model numbers, which tell
+    CPUs apart where a VM shows only 'AMD EPYC' (family 25 is Zen 3/4, 26 Zen 5)."""
+    field = cpuinfo_fields(info)
     ids = " ".join(f"{label}{field[key]}" for key, label in (("vendor_id", ""), ("cpu family", "family "),
                                                                ("model", "model ")) if key in field)
     return field.get("model name", "unknown CPU") + (f" ({ids})" if ids else "")

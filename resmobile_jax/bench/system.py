@@ -11,6 +11,8 @@ import threading
 import time
 from pathlib import Path
 
+from resmobile_jax.timing import cpuinfo_fields
+
 FMA_LOOP = Path(__file__).with_name("fma_peak.c")
 
 
@@ -95,15 +97,14 @@ def _cpuinfo() -> str | None:
 def cpu_flags(info: str | None = None) -> set[str]:
     """The instruction-set flags /proc/cpuinfo lists for the first CPU (avx2, fma, avx512f, ...); empty without it."""
     info = _cpuinfo() if info is None else info
-    return set(next((line.split(":", 1)[1].split() for line in (info or "").splitlines() if line.startswith("flags")),
-                    []))
+    return set(cpuinfo_fields(info or "").get("flags", "").split())
 
 
 def fma_flops_per_cycle(info: str) -> tuple[int, str]:
     """fp32 FLOP per cycle and core of the widest FMA the CPU in `info` (/proc/cpuinfo's text) has: 2 FMA ports of
     its vector width. AMD's family 25 (Zen 4) runs AVX-512 on 256-bit units, so it peaks at the AVX2 rate."""
     flags = cpu_flags(info)
-    field = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines()) if v}
+    field = cpuinfo_fields(info)
     if "avx512f" in flags:
         if field.get("vendor_id") == "AuthenticAMD" and field.get("cpu family") == "25":
             return 32, "AVX-512 on 256-bit units (AMD Zen 4)"
@@ -117,7 +118,7 @@ def cpu_peak_gflops(info: str | None = None) -> tuple[float | None, str]:
     info = _cpuinfo() if info is None else info
     if info is None:
         return None, "unknown (no /proc/cpuinfo)"
-    mhz = next((float(line.split(":", 1)[1]) for line in info.splitlines() if line.startswith("cpu MHz")), None)
+    mhz = float(cpuinfo_fields(info).get("cpu MHz") or 0)
     if not mhz:
         return None, "unknown (no clock in /proc/cpuinfo)"
     per_cycle, isa = fma_flops_per_cycle(info)

@@ -101,6 +101,12 @@ int64_t PiecesOf(ffi::ThreadPool& pool, int64_t rows) {
   return rows < kFewRows ? std::max<int64_t>(1, pool.num_threads()) : Pieces(pool);
 }
 
+// ParallelFor over `total` rows in PiecesOf's chunks, for bodies that keep no per-chunk partial sums.
+template <typename Body>
+void ParallelFor(ffi::ThreadPool& pool, int64_t total, Body body) {
+  ParallelFor(pool, total, PiecesOf(pool, total), body);
+}
+
 // The chunks ParallelFor makes of `rows` rows, for callers that keep per-chunk accumulators.
 int64_t PiecesFor(ffi::ThreadPool& pool, int64_t rows) {
   return std::max<int64_t>(1, std::min<int64_t>(Pieces(pool), rows));
@@ -333,7 +339,9 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
 // The eval-mode epilogue (BatchNorm folded into scale and shift, then the activation): act(v * scale[c] + shift[c])
 // over `pixels` x C values. The same float32 operations as the model's BatchNorm and activations (layers.py), so
 // only rounding (an FMA) differs.
-enum Activation : int64_t { kIdentity = 0, kRelu = 1, kHardswish = 2 };
+// kHardsigmoid (PyTorch's, relu6(t + 3) / 6, as layers.hard_sigmoid) is for the SE's scale inside this file only:
+// the handlers' activation attributes stop at kHardswish (cpu_kernels.ACTIVATION_CODES).
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kHardswish = 2, kHardsigmoid = 3 };
 
 struct Epilogue {
   const float* scale = nullptr;  // nullptr: no epilogue (training, or the plain forward pass)
@@ -352,6 +360,13 @@ inline V Activate(V t) {
     u = u > V{} ? u : V{};
     u = u < six ? u : six;
     return t * (u / 6.0f);
+  }
+  if constexpr (kAct == kHardsigmoid) {
+    const V six = V{} + 6.0f;
+    V u = t + 3.0f;
+    u = u > V{} ? u : V{};
+    u = u < six ? u : six;
+    return u / 6.0f;
   }
   return t;
 }
@@ -571,7 +586,7 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const float* src = xd;        // the depthwise convolution's input rows, when not in a ring
   if (computed && g.n * g.ho < 2 * g.k * Pieces(pool)) {
     expanded.resize(g.n * g.h * row_size);
-    ParallelFor(pool, g.n * g.h, PiecesOf(pool, g.n * g.h), [&](int64_t begin, int64_t end, int64_t) {
+    ParallelFor(pool, g.n * g.h, [&](int64_t begin, int64_t end, int64_t) {
       compute_rows(xd + begin * x_row, end - begin, expanded.data() + begin * row_size);
     });
     src = expanded.data();
@@ -581,7 +596,7 @@ ffi::Error DepthwiseForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   const int64_t batch_in = expand ? std::min(g.h, RowsPerCall(g.w)) : 0;
   const int64_t capacity = expand ? g.k + batch_in - 1 : 0;
   const int64_t batch_out = project ? std::min(g.n * g.ho, RowsPerCall(g.wo)) : 0;
-  ParallelFor(pool, g.n * g.ho, PiecesOf(pool, g.n * g.ho), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * g.ho, [&](int64_t begin, int64_t end, int64_t) {
     std::vector<Tap> taps(g.k * g.k);
     std::vector<float> ring(capacity * row_size);  // expanded input row hi in slot hi % capacity
     std::vector<int64_t> ring_row(capacity, -1);    // which (b * H + hi) each slot holds
@@ -718,7 +733,7 @@ ffi::Error SeProjectForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> d, ffi::
   const float* sp = se.typed_data();
   const float* xp = x.element_count() != 0 ? x.typed_data() : nullptr;
   float* yp = y->typed_data();
-  ParallelFor(pool, n * panels, PiecesOf(pool, n * panels), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, n * panels, [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> panel(c * 2 * kWide);  // the widest panel
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / panels, c0 = panel_start[task % panels];
@@ -771,7 +786,7 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ff
   const float* wd = w.typed_data();
   float* xd = dx->typed_data();
   const int64_t C = g.c;
-  ParallelFor(pool, g.n * g.h, PiecesOf(pool, g.n * g.h), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * g.h, [&](int64_t begin, int64_t end, int64_t) {
     std::vector<Tap> taps(g.k * g.k);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / g.h, hi = row % g.h;
@@ -894,7 +909,7 @@ Padded PadRows(ffi::ThreadPool& pool, const Geometry& g, FillRow fill_row) {
   std::fill(pd + size - tail, pd + size, 0.0f);
   // Each padded row in one task: zeros where it is padding, the input row in between (zero-filling the whole
   // buffer first was a single-threaded 20 MB pass, a third of the V1 stem's forward time).
-  ParallelFor(pool, g.n * out.hp, PiecesOf(pool, g.n * out.hp), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * out.hp, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t prow = begin; prow < end; ++prow) {
       const int64_t b = prow / out.hp, hi = prow % out.hp - g.p;
       float* dst = pd + prow * row_floats;
@@ -1049,14 +1064,14 @@ ffi::Error DenseConvForwardWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, 
   float* yd = y->typed_data();
   const Padded xp = PadInput(pool, g, x.typed_data());
   if (!max_pool) {
-    ParallelFor(pool, g.n * g.ho, PiecesOf(pool, g.n * g.ho), [&](int64_t begin, int64_t end, int64_t) {
+    ParallelFor(pool, g.n * g.ho, [&](int64_t begin, int64_t end, int64_t) {
       for (int64_t row = begin; row < end; ++row) DenseForwardRow(g, co, xp, wd, epi, row, yd + row * g.wo * co);
     });
     return ffi::Error::Success();
   }
   const int64_t hp = PooledSize(g.ho), wp = PooledSize(g.wo);
   const int64_t row_size = g.wo * co;
-  ParallelFor(pool, g.n * hp, PiecesOf(pool, g.n * hp), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, g.n * hp, [&](int64_t begin, int64_t end, int64_t) {
     std::vector<float> ring(kPool * row_size);  // convolution row r in slot r % 3
     std::vector<int64_t> ring_row(kPool, -1);    // which (b * Ho + r) each slot holds
     for (int64_t prow = begin; prow < end; ++prow) {
@@ -1100,7 +1115,7 @@ ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
   const int64_t hp = PooledSize(h), wp = PooledSize(w);
   const float* xd = x.typed_data();
   float* yd = y->typed_data();
-  ParallelFor(pool, n * hp, PiecesOf(pool, n * hp), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, n * hp, [&](int64_t begin, int64_t end, int64_t) {
     for (int64_t prow = begin; prow < end; ++prow) {
       const int64_t b = prow / hp, pr = prow % hp;
       const float* rows[kPool];
@@ -1118,8 +1133,7 @@ ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
 // y (n, m) = act(x (n, k) @ w (k, m) + b) for a few rows n, split over column chunks of y so that every thread
 // streams its own part of w: the squeeze-excitation's products are matrix-vector products at batch 1, bound by
 // reading weights that are cold in cache on every call (benchmarks/SPEED.md, 2026-12-06). Each output sums its k
-// products in order with FMAs, whatever the chunking. kAct: kRelu, or kIdentity then PyTorch's Hardsigmoid,
-// min(max(t + 3, 0), 6) / 6 (written out here, as layers.hard_sigmoid computes it).
+// products in order with FMAs, whatever the chunking.
 template <int64_t kAct>
 void SmallDense(ffi::ThreadPool& pool, const float* x, int64_t n, int64_t k, const float* w, const float* b,
                 int64_t m, float* y) {
@@ -1149,15 +1163,7 @@ void SmallDense(ffi::ThreadPool& pool, const float* x, int64_t n, int64_t k, con
           V t;
           if constexpr (std::is_same_v<V, float>) t = acc[j] + b[j0 + j];
           else t = Load<V>(acc.data() + j) + Load<V>(b + j0 + j);
-          if constexpr (kAct == kRelu) {
-            t = Activate<kRelu>(t);
-          } else {
-            const V six = V{} + 6.0f;
-            t = t + 3.0f;
-            t = t > V{} ? t : V{};
-            t = t < six ? t : six;
-            t = t / 6.0f;
-          }
+          t = Activate<kAct>(t);
           if constexpr (std::is_same_v<V, float>) out[j] = t;
           else Store<V>(out + j, t);
         });
@@ -1179,7 +1185,7 @@ ffi::Error SeScaleForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pooled, ff
   const int64_t n = pd[0], c = pd[1], sq = d1[1];
   std::vector<float> hidden(n * sq);
   SmallDense<kRelu>(pool, pooled.typed_data(), n, c, w1.typed_data(), b1.typed_data(), sq, hidden.data());
-  SmallDense<kIdentity>(pool, hidden.data(), n, sq, w2.typed_data(), b2.typed_data(), c, scale->typed_data());
+  SmallDense<kHardsigmoid>(pool, hidden.data(), n, sq, w2.typed_data(), b2.typed_data(), c, scale->typed_data());
   return ffi::Error::Success();
 }
 
@@ -1451,7 +1457,7 @@ ffi::Error BatchNormActForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const Epilogue epi{f.inv.data(), f.shift.data(), activation};
   float* yd = y->typed_data();
   const bool stream = Streamable(yd, rows * width * C, C);
-  ParallelFor(pool, rows, PiecesOf(pool, rows), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, rows, [&](int64_t begin, int64_t end, int64_t) {
     ApplyEpilogue(epi, xd + begin * width * C, yd + begin * width * C, (end - begin) * width, C, stream);
   });
   return ffi::Error::Success();
@@ -1559,7 +1565,7 @@ void BatchNormActBackwardWith(ffi::ThreadPool& pool, const BatchNormActGrad<kAct
     cc[c] = static_cast<float>(gr * r * r * sgx / n);
   }
   const bool stream = Streamable(dx, rows * k.width * C, C);
-  ParallelFor(pool, rows, PiecesOf(pool, rows), [&](int64_t begin, int64_t end, int64_t) {
+  ParallelFor(pool, rows, [&](int64_t begin, int64_t end, int64_t) {
     k.Write(begin, end, a.data(), b.data(), cc.data(), dx, stream);
   });
 }

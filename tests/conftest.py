@@ -21,7 +21,7 @@ def rng():
 # Files whose tests take minutes (durations of the last full run, in s, on 2 xdist workers). They are handed out
 # first, longest first, so the two workers finish together instead of one of them starting a 7-minute file last.
 HEAVY_FILES = {
-    "tests/test_compare.py": 410, "tests/train/test_resume.py": 500, "tests/test_retrieval.py": 290,
+    "tests/test_compare.py": 410, "tests/train/test_resume.py": 500, "tests/test_retrieval.py": 80,
     "tests/train/test_sharding.py": 240, "tests/export/test_export.py": 200, "tests/test_evaluate.py": 240,
     "tests/bench/test_bench.py": 140, "tests/train/test_storage_faults.py": 110, "tests/train/test_nonfinite.py": 100,
 }

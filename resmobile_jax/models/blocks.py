@@ -29,14 +29,24 @@ from resmobile_jax.models.layers import (
 )
 
 
+# Eval mode computes the SE scale of at most this many images in one C++ kernel call (cpu_kernels.se_scale_forward)
+# that splits its matrix-vector products over both cores: at batch 1 they are bound by reading weights that are cold
+# in cache at every call (V2 224 px: 0.5 ms of a 7 ms call on a Zen 4, benchmarks/SPEED.md). With more images XLA's
+# matmuls reuse each weight over the rows. Measured at batch 1 (224 px embed 0.98x the time); the default, 4, is not
+# tuned (config.model.se_kernel_max_images; 0 keeps every SE on XLA).
+SE_KERNEL_MAX_IMAGES = 4
+
+
 class SqueezeExcitation(nnx.Module):
     """torchvision's SqueezeExcitation as MobileNetV3 uses it: GAP -> fc1 -> ReLU -> fc2 -> Hardsigmoid -> scale.
 
     fc1/fc2 are biased 1x1 convs in torchvision; on a 1x1 map they are Linear layers (same init: fan-out He).
     """
 
-    def __init__(self, channels: int, squeeze_channels: int, *, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
+    def __init__(self, channels: int, squeeze_channels: int, *, kernel_max_images: int = SE_KERNEL_MAX_IMAGES,
+                 dtype=None, param_dtype=jnp.float32, rng: np.random.Generator):
         kw = dict(kernel_init=conv_init, dtype=dtype, param_dtype=param_dtype, rng=rng)
+        self.kernel_max_images = kernel_max_images
         self.fc1 = Linear(channels, squeeze_channels, **kw)
         self.fc2 = Linear(squeeze_channels, channels, **kw)
 
@@ -46,21 +56,16 @@ class SqueezeExcitation(nnx.Module):
     def __call__(self, x, eval_kernels: bool = False):
         """`eval_kernels`: the block runs eval mode in float32 with the C++ kernels (se_channel_scale)."""
         dtype = self.fc1.dtype or x.dtype
-        scale = se_channel_scale(global_avg_pool(x).astype(dtype), self.weights(dtype), eval_kernels)
+        scale = se_channel_scale(global_avg_pool(x).astype(dtype), self.weights(dtype),
+                                 self.kernel_max_images if eval_kernels else 0)
         return x * scale[:, None, None, :].astype(x.dtype)
 
 
-# Eval mode computes the SE scale of at most this many images in one C++ kernel call (cpu_kernels.se_scale_forward)
-# that splits its matrix-vector products over both cores: at batch 1 they are bound by reading weights that are cold
-# in cache at every call (V2 224 px: 0.5 ms of a 7 ms call on a Zen 4, benchmarks/SPEED.md). With more images XLA's
-# matmuls reuse each weight over the rows. Measured at batch 1 (224 px embed 0.98x the time); 4 is not tuned.
-SE_KERNEL_MAX_IMAGES = 4
-
-
-def se_channel_scale(pooled, weights, eval_kernels: bool = False):
+def se_channel_scale(pooled, weights, kernel_max_images: int = 0):
     """The SE's per-image channel scale from the globally pooled features; weights = (fc1 kernel, fc1 bias, fc2
-    kernel, fc2 bias). With `eval_kernels` and few images (SE_KERNEL_MAX_IMAGES), float32, in one C++ call."""
-    if eval_kernels and pooled.shape[0] <= SE_KERNEL_MAX_IMAGES and pooled.dtype == jnp.float32:
+    kernel, fc2 bias). For at most `kernel_max_images` images in float32 (eval mode with the C++ kernels), in one
+    C++ call."""
+    if pooled.shape[0] <= kernel_max_images and pooled.dtype == jnp.float32:
         return se_scale_kernel(pooled, weights)
     return _se_channel_scale(pooled, weights)
 
@@ -113,6 +118,7 @@ class InvertedResidual(nnx.Module):
         batch_norm_impl: BatchNormImpl = "auto",
         fuse_eval_bn: bool = True,
         fuse_train_bn: bool = True,
+        se_kernel_max_images: int = SE_KERNEL_MAX_IMAGES,
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
@@ -130,7 +136,8 @@ class InvertedResidual(nnx.Module):
             depthwise_impl=depthwise_impl, fuse_eval_bn=fuse_eval_bn, **kw,
         )
         self.se = (
-            SqueezeExcitation(spec.expanded, make_divisible(spec.expanded // 4, 8), dtype=dtype, param_dtype=param_dtype, rng=rng)
+            SqueezeExcitation(spec.expanded, make_divisible(spec.expanded // 4, 8), kernel_max_images=se_kernel_max_images,
+                              dtype=dtype, param_dtype=param_dtype, rng=rng)
             if spec.use_se
             else None
         )
@@ -169,9 +176,10 @@ class InvertedResidual(nnx.Module):
             expand = None if self.expand is None else folded_for_kernel(self.expand)
             project = folded_for_kernel(self.project)
             se = None if self.se is None else self.se.weights(jnp.float32)
+            se_kernel_max_images = 0 if self.se is None else self.se.kernel_max_images
             return inverted_residual_kernel(self.depthwise.activation, self.spec.stride, self.depthwise.conv.padding,
-                                            self.use_residual, x.astype(dtype), expand, self.depthwise.folded(), se,
-                                            project)
+                                            self.use_residual, se_kernel_max_images, x.astype(dtype), expand,
+                                            self.depthwise.folded(), se, project)
         if self.expansion_bn_in_depthwise(x):
             y = self._expansion_bn_in_depthwise(x)
         else:
@@ -197,30 +205,33 @@ def _unfused_inverted_residual(activation, stride, padding, residual, x, expand,
     return y + x if residual else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3))
-def inverted_residual_kernel(activation: str, stride: int, padding: int, residual: bool, x, expand, depthwise, se,
-                             project):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+def inverted_residual_kernel(activation: str, stride: int, padding: int, residual: bool, se_kernel_max_images: int, x,
+                             expand, depthwise, se, project):
     """An eval-mode inverted residual in C++ kernel calls, so that its expanded map (and without SE its depthwise
     map: the block's largest) never goes to memory. Without SE one call (cpu_kernels.inverted_residual_forward);
     with SE (`se` = its weights, else None), whose global pool needs the whole depthwise output before the
     projection, two: expansion + depthwise (+ the pool's sums), then the SE's small matmuls here, then the projection
-    with the SE scale folded into its weights. Each of `expand` (or None), `depthwise` and `project` is (kernel, BN
+    with the SE scale folded into its weights (se_channel_scale, up to `se_kernel_max_images` images as a C++
+    call). Each of `expand` (or None), `depthwise` and `project` is (kernel, BN
     scale, BN shift). Differentiable (frozen-BN fine-tuning): the backward pass recomputes the unfused form and
     takes its gradient."""
     if se is None:
         return cpu_kernels.inverted_residual_forward(x, expand, depthwise, project, activation, stride, padding,
                                                      residual)
     y, pooled = cpu_kernels.expand_depthwise_forward(x, expand, depthwise, activation, stride, padding)
-    return cpu_kernels.se_project_forward(y, se_channel_scale(pooled, se, eval_kernels=True), project,
+    return cpu_kernels.se_project_forward(y, se_channel_scale(pooled, se, se_kernel_max_images), project,
                                           x if residual else None)
 
 
-def _inverted_residual_fwd(activation, stride, padding, residual, x, expand, depthwise, se, project):
-    y = inverted_residual_kernel(activation, stride, padding, residual, x, expand, depthwise, se, project)
+def _inverted_residual_fwd(activation, stride, padding, residual, se_kernel_max_images, x, expand, depthwise, se,
+                           project):
+    y = inverted_residual_kernel(activation, stride, padding, residual, se_kernel_max_images, x, expand, depthwise, se,
+                                 project)
     return y, (x, expand, depthwise, se, project)
 
 
-def _inverted_residual_bwd(activation, stride, padding, residual, saved, g):
+def _inverted_residual_bwd(activation, stride, padding, residual, se_kernel_max_images, saved, g):
     unfused = functools.partial(_unfused_inverted_residual, activation, stride, padding, residual)
     return jax.vjp(unfused, *saved)[1](g)
 

@@ -19,7 +19,7 @@ from resmobile_jax.models.architecture import (
     mid_block_specs,
     output_stride,
 )
-from resmobile_jax.models.blocks import Bottleneck, InvertedResidual
+from resmobile_jax.models.blocks import SE_KERNEL_MAX_IMAGES, Bottleneck, InvertedResidual
 from resmobile_jax.models.head import EmbeddingHead
 from resmobile_jax.models.stems import MobileNetStem, ResNetStem
 
@@ -46,6 +46,7 @@ class ResMobileNet(nnx.Module):
         fuse_eval_bn: bool = True,
         fuse_eval_bottleneck: bool = True,
         fuse_train_bn: bool = True,
+        se_kernel_max_images: int = SE_KERNEL_MAX_IMAGES,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rng: np.random.Generator | int = 0,
@@ -65,7 +66,7 @@ class ResMobileNet(nnx.Module):
         self.mid = nnx.List(
             [InvertedResidual(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl,
                               batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, fuse_train_bn=fuse_train_bn,
-                              **kw)
+                              se_kernel_max_images=se_kernel_max_images, **kw)
              for spec in mid_block_specs(variant, v2_output_stride)]
         )
         self.tail = nnx.List(
@@ -139,6 +140,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         fuse_eval_bn=bool(model_config.get("fuse_eval_bn", True)),
         fuse_eval_bottleneck=bool(model_config.get("fuse_eval_bottleneck", True)),
         fuse_train_bn=bool(model_config.get("fuse_train_bn", True)),
+        se_kernel_max_images=int(model_config.get("se_kernel_max_images", SE_KERNEL_MAX_IMAGES)),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),
     )

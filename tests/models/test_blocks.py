@@ -241,3 +241,25 @@ def test_eval_squeeze_excitation_matches_torchvision(channels, batch, rng):
     for got, want_g in zip(jax.tree.leaves(gradients(True)), jax.tree.leaves(gradients(False))):
         np.testing.assert_allclose(np.asarray(got), np.asarray(want_g), rtol=1e-4,
                                    atol=1e-4 * float(jnp.abs(want_g).max()))
+
+
+def test_the_se_kernel_limit_follows_the_config():
+    """config.model.se_kernel_max_images reaches every SE: each runs as a C++ call up to that many images, none at 0
+    (what `bench.ab --option se_kernel_max_images` compares)."""
+    from resmobile_jax.models import build_model
+
+    num_se = sum(spec.use_se for spec in mid_block_specs("v2", 32))
+
+    def se_kernel_calls(batch, **model):
+        net = build_model(dict(variant="v2", embedding_dim=16, **model))
+        graphdef, state = nnx.split(net)
+        x = jnp.zeros((batch, 64, 64, 3), jnp.float32)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text().count("@resmobile_se_scale_forward(")
+
+    assert num_se > 0
+    assert se_kernel_calls(1) == num_se  # the default, blocks.SE_KERNEL_MAX_IMAGES
+    assert se_kernel_calls(blocks.SE_KERNEL_MAX_IMAGES + 1) == 0
+    assert se_kernel_calls(1, se_kernel_max_images=0) == 0
+    assert se_kernel_calls(2, se_kernel_max_images=2) == num_se
+    assert se_kernel_calls(3, se_kernel_max_images=2) == 0
+    assert se_kernel_calls(1, fuse_eval_bn=False, depthwise_impl="shifted") == 0  # no C++ kernels: XLA's SE

@@ -37,6 +37,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.model.fuse_eval_bottleneck = True  # eval mode, C++ kernels, with fuse_eval_bn: each tail bottleneck as one kernel call (8+ images)
     c.model.fuse_train_bn = True  # training, C++ kernels: each expansion's BN + activation run inside the depthwise kernels
     c.model.se_kernel_max_images = 4  # eval mode, C++ kernels: SE scale of at most this many images as one C++ call (0: never)
+    c.model.pointwise_kernel_max_pixels = 64  # eval mode, C++ kernels: 1x1 conv + BN + act over at most this many pixels as one C++ call (0: never)
     c.model.dtype = "float32" if cpu else "bfloat16"  # compute dtype; params stay param_dtype
     c.model.param_dtype = "float32"
 

@@ -14,6 +14,7 @@ from resmobile_jax.models.kernels import cpu_kernels
 from resmobile_jax.models.layers import (
     ACTIVATIONS,
     MOBILENET_BN,
+    POINTWISE_KERNEL_MAX_PIXELS,
     RESNET_BN,
     BatchNormImpl,
     ConvBNAct,
@@ -119,13 +120,15 @@ class InvertedResidual(nnx.Module):
         fuse_eval_bn: bool = True,
         fuse_train_bn: bool = True,
         se_kernel_max_images: int = SE_KERNEL_MAX_IMAGES,
+        pointwise_kernel_max_pixels: int = POINTWISE_KERNEL_MAX_PIXELS,
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
         act = "hardswish" if spec.activation == "HS" else "relu"
-        kw = dict(bn=MOBILENET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl, dtype=dtype,
-                  param_dtype=param_dtype, rng=rng)
+        kw = dict(bn=MOBILENET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl,
+                  pointwise_kernel_max_pixels=pointwise_kernel_max_pixels, dtype=dtype, param_dtype=param_dtype,
+                  rng=rng)
         self.spec = spec
         self.fuse_train_bn = fuse_train_bn
         self.use_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
@@ -253,12 +256,14 @@ class Bottleneck(nnx.Module):
     def __init__(
         self, inplanes: int, planes: int, *, pointwise_impl: PointwiseImpl = "matmul",
         batch_norm_impl: BatchNormImpl = "auto", dense_conv_impl: StemConvImpl = "auto", fuse_eval_bn: bool = True,
-        fuse_eval_block: bool = True, dtype=None, param_dtype=jnp.float32, rng: np.random.Generator,
+        fuse_eval_block: bool = True, pointwise_kernel_max_pixels: int = POINTWISE_KERNEL_MAX_PIXELS, dtype=None,
+        param_dtype=jnp.float32, rng: np.random.Generator,
     ):
         if inplanes != planes * self.expansion:
             raise ValueError(f"Bottleneck without downsample needs inplanes == 4 * planes, got {inplanes} and {planes}")
-        kw = dict(bn=RESNET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl, dtype=dtype,
-                  param_dtype=param_dtype, rng=rng)
+        kw = dict(bn=RESNET_BN, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl,
+                  pointwise_kernel_max_pixels=pointwise_kernel_max_pixels, dtype=dtype, param_dtype=param_dtype,
+                  rng=rng)
         self.conv_bn1 = ConvBNAct(inplanes, planes, 1, activation="relu", **kw)
         # the 3x3 in eval mode: the C++ dense conv kernel with BN + ReLU unless dense_conv_impl is "xla"; with
         # fuse_eval_bn and fuse_eval_block the whole block is one kernel call (bottleneck_kernel)

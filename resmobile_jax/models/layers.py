@@ -466,6 +466,36 @@ def _conv_bn_act_bwd(depthwise, activation, stride, padding, max_pool, residuals
 conv_bn_act_kernel.defvjp(_conv_bn_act_fwd, _conv_bn_act_bwd)
 
 
+# Eval mode runs a 1x1 conv + BN + activation over at most this many pixels (N*H*W) as one C++ call
+# (pointwise_bn_act_kernel): a batch-1 embedding's 7x7 stage (49 pixels), where XLA's matmul of 49 rows by 160 ->
+# 960 channels ran at ~90 GFLOP/s and the BN + activation was one more op (224 px batch-1 embed 0.95-0.97x the time
+# on a 2-core Zen 4, benchmarks/SPEED.md). From 128 pixels on (64 px inputs at batch 32: 2x2 maps) XLA's matmuls were
+# faster (1.025x). config.model.pointwise_kernel_max_pixels; 0 keeps every 1x1 on XLA.
+POINTWISE_KERNEL_MAX_PIXELS = 64
+
+
+def _unfused_pointwise_bn_act(activation, x, w, scale, shift):
+    return ACTIVATIONS[activation](x @ w * scale + shift)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def pointwise_bn_act_kernel(activation: str, x, w, scale, shift):
+    """act((x @ w) * scale + shift), w (Cin, Cout), as one C++ call (cpu_kernels.pointwise_forward_bn_act).
+    Differentiable (frozen-BN fine-tuning): the backward pass is the XLA form's."""
+    return cpu_kernels.pointwise_forward_bn_act(x, w, scale, shift, activation)
+
+
+def _pointwise_bn_act_fwd(activation, x, w, scale, shift):
+    return pointwise_bn_act_kernel(activation, x, w, scale, shift), (x, w, scale, shift)
+
+
+def _pointwise_bn_act_bwd(activation, saved, g):
+    return jax.vjp(functools.partial(_unfused_pointwise_bn_act, activation), *saved)[1](g)
+
+
+pointwise_bn_act_kernel.defvjp(_pointwise_bn_act_fwd, _pointwise_bn_act_bwd)
+
+
 class ConvBNAct(nnx.Module):
     """torchvision's Conv2dNormActivation: conv (dense or depthwise, no bias) -> BatchNorm -> activation.
 
@@ -488,11 +518,13 @@ class ConvBNAct(nnx.Module):
         stem_conv_impl: StemConvImpl = "auto",
         batch_norm_impl: BatchNormImpl = "auto",
         fuse_eval_bn: bool = True,
+        pointwise_kernel_max_pixels: int = POINTWISE_KERNEL_MAX_PIXELS,
         dtype=None,
         param_dtype=jnp.float32,
         rng: np.random.Generator,
     ):
         self.fuse_eval_bn = fuse_eval_bn
+        self.pointwise_kernel_max_pixels = pointwise_kernel_max_pixels
         if depthwise:
             assert in_channels == out_channels, "depthwise convs keep the channel count"
             self.conv = DepthwiseConv(
@@ -511,6 +543,14 @@ class ConvBNAct(nnx.Module):
         return (self.fuse_eval_bn and self.bn.use_running_average and jnp.dtype(dtype) == jnp.float32
                 and self.conv.uses_cpu_kernel(dtype, fused_eval=True))
 
+    def runs_as_pointwise_kernel(self, x) -> bool:
+        """Eval mode, float32 on a CPU the C++ kernels apply to, a 1x1 convolution (as a matmul, stride 1) over at
+        most `pointwise_kernel_max_pixels` pixels: conv, BN and activation as one call (pointwise_bn_act_kernel)."""
+        dtype = self.conv.dtype or x.dtype
+        return (isinstance(self.conv, Conv) and self.conv.pointwise_matmul and self.conv.stride == 1
+                and self.fuse_eval_bn and self.bn.use_running_average and cpu_kernels_apply(dtype)
+                and x.size // x.shape[-1] <= self.pointwise_kernel_max_pixels)
+
     def folded(self, dtype=jnp.float32) -> tuple[Array, Array, Array]:
         """(kernel, scale, shift): the conv's kernel and its eval-mode BN, for a kernel that fuses more layers."""
         return (self.conv.kernel[...].astype(dtype), *self.bn.folded_affine())
@@ -519,6 +559,9 @@ class ConvBNAct(nnx.Module):
         """`max_pool`: ResNet's 3x3 stride-2 max pool after the activation (the V2 stem), inside the kernel when it
         runs as one."""
         dtype = self.conv.dtype or x.dtype
+        if self.runs_as_pointwise_kernel(x):
+            w, scale, shift = self.folded(dtype)
+            return pointwise_bn_act_kernel(self.activation, x.astype(dtype), w.reshape(w.shape[-2:]), scale, shift)
         if self.runs_as_one_kernel(dtype):
             depthwise = isinstance(self.conv, DepthwiseConv)
             return conv_bn_act_kernel(depthwise, self.activation, self.conv.stride, self.conv.padding, max_pool,

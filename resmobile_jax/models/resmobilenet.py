@@ -21,6 +21,7 @@ from resmobile_jax.models.architecture import (
 )
 from resmobile_jax.models.blocks import SE_KERNEL_MAX_IMAGES, Bottleneck, InvertedResidual
 from resmobile_jax.models.head import EmbeddingHead
+from resmobile_jax.models.layers import POINTWISE_KERNEL_MAX_PIXELS
 from resmobile_jax.models.stems import MobileNetStem, ResNetStem
 
 PARTS = ("stem", "mid", "tail", "head")
@@ -47,6 +48,7 @@ class ResMobileNet(nnx.Module):
         fuse_eval_bottleneck: bool = True,
         fuse_train_bn: bool = True,
         se_kernel_max_images: int = SE_KERNEL_MAX_IMAGES,
+        pointwise_kernel_max_pixels: int = POINTWISE_KERNEL_MAX_PIXELS,
         dtype: Any = jnp.float32,
         param_dtype: Any = jnp.float32,
         rng: np.random.Generator | int = 0,
@@ -66,13 +68,15 @@ class ResMobileNet(nnx.Module):
         self.mid = nnx.List(
             [InvertedResidual(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl,
                               batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, fuse_train_bn=fuse_train_bn,
-                              se_kernel_max_images=se_kernel_max_images, **kw)
+                              se_kernel_max_images=se_kernel_max_images,
+                              pointwise_kernel_max_pixels=pointwise_kernel_max_pixels, **kw)
              for spec in mid_block_specs(variant, v2_output_stride)]
         )
         self.tail = nnx.List(
             [Bottleneck(TAIL_CHANNELS, BOTTLENECK_WIDTH, pointwise_impl=pointwise_impl, batch_norm_impl=batch_norm_impl,
                         dense_conv_impl=stem_conv_impl, fuse_eval_bn=fuse_eval_bn,
-                        fuse_eval_block=fuse_eval_bn and fuse_eval_bottleneck, **kw) for _ in range(NUM_BOTTLENECKS)]
+                        fuse_eval_block=fuse_eval_bn and fuse_eval_bottleneck,
+                        pointwise_kernel_max_pixels=pointwise_kernel_max_pixels, **kw) for _ in range(NUM_BOTTLENECKS)]
         )
         self.head = EmbeddingHead(TAIL_CHANNELS, embedding_dim, **kw)
 
@@ -141,6 +145,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         fuse_eval_bottleneck=bool(model_config.get("fuse_eval_bottleneck", True)),
         fuse_train_bn=bool(model_config.get("fuse_train_bn", True)),
         se_kernel_max_images=int(model_config.get("se_kernel_max_images", SE_KERNEL_MAX_IMAGES)),
+        pointwise_kernel_max_pixels=int(model_config.get("pointwise_kernel_max_pixels", POINTWISE_KERNEL_MAX_PIXELS)),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),
         param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),
     )

@@ -263,3 +263,23 @@ def test_the_se_kernel_limit_follows_the_config():
     assert se_kernel_calls(2, se_kernel_max_images=2) == num_se
     assert se_kernel_calls(3, se_kernel_max_images=2) == 0
     assert se_kernel_calls(1, fuse_eval_bn=False, depthwise_impl="shifted") == 0  # no C++ kernels: XLA's SE
+
+
+def test_the_pointwise_kernel_limit_follows_the_config():
+    """config.model.pointwise_kernel_max_pixels reaches every 1x1 conv of the mid and tail: at 224 px, batch 1, the
+    7x7 stage's (49 pixels) run as C++ calls: block 12's projection, blocks 13-14's expansion and projection, the six
+    bottlenecks' two 1x1s (at batch 1 the bottlenecks are not one fused call); none at 0, none with 14x14 maps."""
+    from resmobile_jax.models import build_model
+
+    def pointwise_calls(batch, **model):
+        net = build_model(dict(variant="v2", embedding_dim=16, **model))
+        graphdef, state = nnx.split(net)
+        x = jnp.zeros((batch, 224, 224, 3), jnp.float32)
+        lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+        return lowered.count("@resmobile_pointwise_forward_bn_act(")
+
+    assert pointwise_calls(1) == 1 + 2 * 2 + 6 * 2
+    assert pointwise_calls(1, pointwise_kernel_max_pixels=0) == 0
+    assert pointwise_calls(1, pointwise_kernel_max_pixels=195) == 17  # the 14x14 maps have 196 pixels
+    assert pointwise_calls(1, pointwise_kernel_max_pixels=196) > 17
+    assert pointwise_calls(2) == 0  # 98 pixels at 7x7

@@ -179,21 +179,25 @@ TORCH_ACTIVATIONS = {"relu": torch.nn.ReLU, "hardswish": torch.nn.Hardswish, "id
     "in_c,out_c,kernel,stride,size,activation,max_pool",
     # depthwise (19 channels: SIMD vectors and a scalar tail), then the two stems' dense convs, wider dense convs like
     # the tail's 3x3 (8-channel blocks; 20 outputs: the plain loop), then the stems followed by ResNet's max pool
-    # (V2's stem; odd and even map sizes, and 12 channels: a scalar tail)
+    # (V2's stem; odd and even map sizes, and 12 channels: a scalar tail), then 1x1 convs over at most
+    # POINTWISE_KERNEL_MAX_PIXELS pixels (2 images: 2x5x5 = 50 pixels, panels of 32, 16, 8 channels and a scalar
+    # tail of 4; 160 -> 960 as in the 7x7 stage; 6 channels: one panel, fewer than threads, so split by pixels)
     [(19, 19, 3, 1, 9, "relu", False), (19, 19, 5, 2, 11, "hardswish", False), (19, 19, 3, 2, 8, "identity", False),
      (3, 16, 3, 2, 17, "hardswish", False), (3, 64, 7, 2, 19, "relu", False),
      (40, 24, 3, 1, 7, "relu", False), (36, 20, 3, 1, 2, "relu", False),
-     (3, 64, 7, 2, 20, "relu", True), (3, 12, 3, 2, 17, "identity", True)],
+     (3, 64, 7, 2, 20, "relu", True), (3, 12, 3, 2, 17, "identity", True),
+     (44, 60, 1, 1, 5, "hardswish", False), (160, 960, 1, 1, 4, "hardswish", False), (960, 160, 1, 1, 3, "identity", False),
+     (24, 12, 1, 1, 1, "relu", False), (20, 6, 1, 1, 5, "relu", False)],
 )
 def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kernel, stride, size, activation, max_pool,
                                                                 rng):
     """Eval mode with the C++ kernels: conv, BatchNorm (running statistics), activation (and max pool) in one kernel
-    call; output and every gradient (frozen-BN fine-tuning differentiates it) against torch's Conv2d ->
+    call (1x1 convs over few pixels too); output and every gradient (frozen-BN fine-tuning differentiates it) against torch's Conv2d ->
     BatchNorm2d -> act (-> MaxPool2d(3, 2, 1))."""
     import jax
     from flax import nnx
 
-    depthwise = in_c == out_c
+    depthwise = in_c == out_c and kernel > 1
     block = layers.ConvBNAct(in_c, out_c, kernel, stride=stride, depthwise=depthwise, activation=activation,
                              bn=layers.MOBILENET_BN, rng=np.random.default_rng(0))
     tconv = torch.nn.Conv2d(in_c, out_c, kernel, stride, kernel // 2, groups=in_c if depthwise else 1, bias=False)
@@ -217,6 +221,7 @@ def test_eval_conv_bn_act_runs_as_one_kernel_and_matches_torch(in_c, out_c, kern
     x = rng.standard_normal((2, size, size, in_c)).astype(np.float32)
     target = "@resmobile_depthwise_forward_bn_act(" if depthwise else "@resmobile_dense_conv_forward_bn_act("
     target = "@resmobile_dense_conv_forward_bn_act_max_pool(" if max_pool else target
+    target = "@resmobile_pointwise_forward_bn_act(" if kernel == 1 else target
     lowered = jax.jit(forward).lower(params, jnp.asarray(x)).as_text()
     plain = "@resmobile_depthwise_forward(" if depthwise else "@resmobile_dense_conv_forward("
     assert target in lowered and plain not in lowered  # one call, the fused one
@@ -439,3 +444,29 @@ def test_conv_init_is_torchvision_fan_out_normal():
     assert abs(w.std() / expected_std - 1) < 0.02
     assert abs(ref.std().item() / expected_std - 1) < 0.02
     assert np.abs(w).max() > 3 * expected_std  # plain normal, not truncated at 2 std
+
+
+def test_pointwise_kernel_only_over_few_pixels_in_eval_mode(rng):
+    """The 1x1 conv + BN + activation call takes maps of at most `pointwise_kernel_max_pixels` pixels, in eval mode
+    only (training's BN needs batch statistics); bigger maps and 0 keep XLA's matmul."""
+    import jax
+    from flax import nnx
+
+    def lowered(block, pixels):
+        graphdef, state = nnx.split(block)
+        x = jnp.zeros((1, 1, pixels, 24), jnp.float32)
+        return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
+
+    block = layers.ConvBNAct(24, 40, 1, activation="relu", rng=np.random.default_rng(0))
+    block.eval()
+    limit = layers.POINTWISE_KERNEL_MAX_PIXELS
+    assert "@resmobile_pointwise_forward_bn_act(" in lowered(block, limit)
+    assert "pointwise_forward" not in lowered(block, limit + 1)
+    block.pointwise_kernel_max_pixels = 0  # config.model.pointwise_kernel_max_pixels=0
+    assert "pointwise_forward" not in lowered(block, 1)
+    block.pointwise_kernel_max_pixels = limit
+    block.fuse_eval_bn = False
+    assert "pointwise_forward" not in lowered(block, 1)
+    block.fuse_eval_bn = True
+    block.train()
+    assert "pointwise_forward" not in lowered(block, 1)

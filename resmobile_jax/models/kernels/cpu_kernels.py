@@ -50,6 +50,7 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_expand_depthwise_forward": "ResmobileExpandDepthwiseForward",
     "resmobile_se_project_forward": "ResmobileSeProjectForward",
     "resmobile_se_scale_forward": "ResmobileSeScaleForward",
+    "resmobile_pointwise_forward_bn_act": "ResmobilePointwiseForwardBnAct",
     "resmobile_batch_norm_act_forward": "ResmobileBatchNormActForward",
     "resmobile_batch_norm_act_backward": "ResmobileBatchNormActBackward",
     "resmobile_batch_norm_statistics": "ResmobileBatchNormStatistics",
@@ -291,6 +292,16 @@ def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, paddin
         target = "resmobile_dense_conv_forward_bn_act"
     return _call(target, (x.shape[0], ho, wo, cout), x, w, scale.astype(jnp.float32), shift.astype(jnp.float32),
                  stride=stride, padding=padding, activation=ACTIVATION_CODES[activation])
+
+
+def pointwise_forward_bn_act(x, w, scale, shift, activation: str):
+    """act((x @ w) * scale + shift) over x's last axis, w (Cin, Cout): an eval-mode 1x1 convolution with its
+    BatchNorm and activation in one call, for maps of few pixels. Forward only; its gradient is
+    layers.conv_bn_act_kernel's."""
+    require()
+    f32 = jnp.float32
+    return _call("resmobile_pointwise_forward_bn_act", (*x.shape[:-1], w.shape[-1]), x.astype(f32), w.astype(f32),
+                 scale.astype(f32), shift.astype(f32), activation=ACTIVATION_CODES[activation])
 
 
 def _expand_depthwise_args(x, expand, depthwise):

@@ -20,6 +20,7 @@ from flax import nnx
 
 from resmobile_jax import cli
 from resmobile_jax.models import PARTS, ResMobileNet, build_model, input_hw
+from resmobile_jax.models.resmobilenet import XLA_ONLY
 
 MB = 1e6  # sizes are in decimal megabytes (10^6 bytes)
 
@@ -69,8 +70,7 @@ def profile_model(model_config, input_size=None, *, xla_flops: bool = True, chec
     h, w = input_hw(input_size if input_size is not None else model_config["input_size"])
     # Count with XLA's own convolutions: the shifted depthwise form (elementwise ops) and the CPU kernels (custom
     # calls) compute the same functions in ways a conv/matmul MAC counter and XLA's cost analysis do not see.
-    cfg = {**dict(model_config), "depthwise_impl": "xla", "stem_conv_impl": "xla", "batch_norm_impl": "xla",
-           "pointwise_impl": "conv", "dtype": "float32", "param_dtype": "float32"}
+    cfg = {**dict(model_config), **XLA_ONLY, "pointwise_impl": "conv", "dtype": "float32", "param_dtype": "float32"}
     model = build_model(cfg)
     model.check_input(jax.ShapeDtypeStruct((1, h, w, 3), jnp.float32))
     graphdef, state = nnx.split(model)

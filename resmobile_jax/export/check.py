@@ -36,8 +36,9 @@ def float32_copy(model, portable: bool = False):
     (LiteRT has native depthwise kernels; the shifted form is 3x slower there)."""
     from resmobile_jax.checkpoint import load_state_dict, model_state_dict
     from resmobile_jax.models import build_model
+    from resmobile_jax.models.resmobilenet import XLA_ONLY
 
-    impls = {"depthwise_impl": "xla", "stem_conv_impl": "xla", "batch_norm_impl": "xla"} if portable else {}
+    impls = XLA_ONLY if portable else {}
     copy = build_model({"variant": model.variant, "embedding_dim": model.embedding_dim,
                         "v2_output_stride": model.v2_output_stride,
                         "dtype": "float32", **impls})

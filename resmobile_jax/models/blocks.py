@@ -26,6 +26,7 @@ from resmobile_jax.models.layers import (
     global_avg_pool,
     hard_sigmoid,
     make_divisible,
+    static_at_most,
     unfused_conv_bn_act,
 )
 
@@ -66,7 +67,7 @@ def se_channel_scale(pooled, weights, kernel_max_images: int = 0):
     """The SE's per-image channel scale from the globally pooled features; weights = (fc1 kernel, fc1 bias, fc2
     kernel, fc2 bias). For at most `kernel_max_images` images in float32 (eval mode with the C++ kernels), in one
     C++ call."""
-    if pooled.shape[0] <= kernel_max_images and pooled.dtype == jnp.float32:
+    if pooled.dtype == jnp.float32 and static_at_most(pooled.shape[0], kernel_max_images):
         return se_scale_kernel(pooled, weights)
     return _se_channel_scale(pooled, weights)
 

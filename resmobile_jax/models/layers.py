@@ -8,6 +8,7 @@ running variance, max-pool pads with -inf, and convolutions use torchvision's fa
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Literal
 
@@ -101,6 +102,12 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 def check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def static_at_most(size, limit: int) -> bool:
+    """size <= limit for a size known at trace time; False for a symbolic one (a shape-polymorphic export's batch),
+    which then takes the XLA form."""
+    return isinstance(size, int) and size <= limit
 
 
 def cpu_kernels_apply(dtype) -> bool:
@@ -549,7 +556,7 @@ class ConvBNAct(nnx.Module):
         dtype = self.conv.dtype or x.dtype
         return (isinstance(self.conv, Conv) and self.conv.pointwise_matmul and self.conv.stride == 1
                 and self.fuse_eval_bn and self.bn.use_running_average and cpu_kernels_apply(dtype)
-                and x.size // x.shape[-1] <= self.pointwise_kernel_max_pixels)
+                and static_at_most(math.prod(x.shape[:-1]), self.pointwise_kernel_max_pixels))
 
     def folded(self, dtype=jnp.float32) -> tuple[Array, Array, Array]:
         """(kernel, scale, shift): the conv's kernel and its eval-mode BN, for a kernel that fuses more layers."""

@@ -131,6 +131,12 @@ class ResMobileNet(nnx.Module):
         return emb
 
 
+# config.model settings under which the model calls none of the C++ kernels (XLA's own ops only): for graphs another
+# runtime executes (exports) and for counting FLOPs with XLA's cost analysis.
+XLA_ONLY = {"depthwise_impl": "xla", "stem_conv_impl": "xla", "batch_norm_impl": "xla", "se_kernel_max_images": 0,
+            "pointwise_kernel_max_pixels": 0}
+
+
 def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
     """The constructor arguments a `config.model` block carries (input_size is the data's business)."""
     return dict(

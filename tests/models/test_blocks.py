@@ -71,7 +71,7 @@ def test_eval_inverted_residual_fuses_into_one_kernel_call(name, batch, rng, mon
     else:
         assert fused_text.count("@resmobile_inverted_residual_forward(") == 1 and "dot_general" not in fused_text
     assert "@resmobile_depthwise_forward(" not in fused_text and "_bn_act" not in fused_text
-    for layer in (block.expand, block.depthwise):
+    for layer in (block.expand, block.depthwise, block.project):  # the projection: no 1x1 kernel on few pixels
         if layer is not None:
             layer.fuse_eval_bn = False
     unfused, _, unfused_text = compiled(block)
@@ -270,6 +270,7 @@ def test_the_pointwise_kernel_limit_follows_the_config():
     7x7 stage's (49 pixels) run as C++ calls: block 12's projection, blocks 13-14's expansion and projection, the six
     bottlenecks' two 1x1s (at batch 1 the bottlenecks are not one fused call); none at 0, none with 14x14 maps."""
     from resmobile_jax.models import build_model
+    from resmobile_jax.models.resmobilenet import XLA_ONLY
 
     def pointwise_calls(batch, **model):
         net = build_model(dict(variant="v2", embedding_dim=16, **model))
@@ -283,3 +284,4 @@ def test_the_pointwise_kernel_limit_follows_the_config():
     assert pointwise_calls(1, pointwise_kernel_max_pixels=195) == 17  # the 14x14 maps have 196 pixels
     assert pointwise_calls(1, pointwise_kernel_max_pixels=196) > 17
     assert pointwise_calls(2) == 0  # 98 pixels at 7x7
+    assert pointwise_calls(1, **XLA_ONLY) == 0  # what portable exports build (export.check.float32_copy)

@@ -12,6 +12,15 @@ if (_xla_flags := xla_flags_value(os.environ)) is not None:
 import numpy as np
 import pytest
 
+# torchvision.ops pulls in torch._dynamo and with it triton, whose native library segfaulted on import in an xdist
+# worker that had already run JAX programs (`pytest -n 2 tests/data/test_messy_folder.py tests/models/test_blocks.py`:
+# 4 of 4 tries on 2026-12-06, the previous session's code too; the same imports in a plain process did not crash).
+# Imported here, before any test runs JAX, the same pair passed 2 of 2.
+try:
+    import torchvision.ops  # noqa: F401
+except ImportError:  # torch is a test extra; the tests that need it import it themselves
+    pass
+
 
 @pytest.fixture
 def rng():

@@ -1,3 +1,4 @@
+import importlib
 import os
 
 from resmobile_jax.cli import xla_flags_value
@@ -17,7 +18,7 @@ import pytest
 # 4 of 4 tries on 2026-12-06, the previous session's code too; the same imports in a plain process did not crash).
 # Imported here, before any test runs JAX, the same pair passed 2 of 2.
 try:
-    import torchvision.ops  # noqa: F401
+    importlib.import_module("torchvision.ops")
 except ImportError:  # torch is a test extra; the tests that need it import it themselves
     pass
 

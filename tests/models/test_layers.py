@@ -470,3 +470,11 @@ def test_pointwise_kernel_only_over_few_pixels_in_eval_mode(rng):
     block.fuse_eval_bn = True
     block.train()
     assert "pointwise_forward" not in lowered(block, 1)
+
+
+def test_pointwise_kernel_rejects_a_kernel_that_does_not_fit_the_input():
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    x, w = jnp.zeros((1, 7, 7, 24), jnp.float32), jnp.zeros((20, 8), jnp.float32)
+    with pytest.raises(Exception, match=r"1x1 conv: the kernel must be \(Cin, Cout\)"):
+        jax.block_until_ready(cpu_kernels.pointwise_forward_bn_act(x, w, jnp.ones(8), jnp.zeros(8), "relu"))

@@ -663,7 +663,7 @@ ffi::Error MakePointwise(ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::F32> scale, f
                          int64_t activation, int64_t cin, Pointwise* pw, std::vector<float>* panels) {
   auto d = w.dimensions();
   if (d.size() != 2 || d[0] != cin)
-    return ffi::Error::InvalidArgument("inverted_residual: a 1x1 kernel must be (Cin, Cout) with Cin its input's channels");
+    return ffi::Error::InvalidArgument("1x1 conv: the kernel must be (Cin, Cout), Cin the input's channels");
   pw->w = w.typed_data();
   pw->cin = d[0];
   pw->cout = d[1];

@@ -477,7 +477,8 @@ conv_bn_act_kernel.defvjp(_conv_bn_act_fwd, _conv_bn_act_bwd)
 # (pointwise_bn_act_kernel): a batch-1 embedding's 7x7 stage (49 pixels), where XLA's matmul of 49 rows by 160 ->
 # 960 channels ran at ~90 GFLOP/s and the BN + activation was one more op (224 px batch-1 embed 0.95-0.97x the time
 # on a 2-core Zen 4, benchmarks/SPEED.md). From 128 pixels on (64 px inputs at batch 32: 2x2 maps) XLA's matmuls were
-# faster (1.025x). config.model.pointwise_kernel_max_pixels; 0 keeps every 1x1 on XLA.
+# faster (1.025x, ad-hoc; `bench.ab --option pointwise_kernel_max_pixels --values 64,128 --size 64 --batch 32`
+# reruns it). config.model.pointwise_kernel_max_pixels; 0 keeps every 1x1 on XLA.
 POINTWISE_KERNEL_MAX_PIXELS = 64
 
 
@@ -566,7 +567,7 @@ class ConvBNAct(nnx.Module):
         """`max_pool`: ResNet's 3x3 stride-2 max pool after the activation (the V2 stem), inside the kernel when it
         runs as one."""
         dtype = self.conv.dtype or x.dtype
-        if self.runs_as_pointwise_kernel(x):
+        if not max_pool and self.runs_as_pointwise_kernel(x):
             w, scale, shift = self.folded(dtype)
             return pointwise_bn_act_kernel(self.activation, x.astype(dtype), w.reshape(w.shape[-2:]), scale, shift)
         if self.runs_as_one_kernel(dtype):

@@ -515,16 +515,17 @@ void PointwisePanel(const Pointwise& pw, const float* panel, int64_t c, const fl
   }
 }
 
-template <int64_t kAct>
-void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
-  for (int64_t c = 0; c < pw.cout; c += PanelWidth(c, pw.cout))
-    PointwisePanel<kAct>(pw, pw.panels + c * pw.cin, c, in, pixels, add, out);
+// The same with pw's activation picked at run time.
+void PointwisePanel(const Pointwise& pw, const float* panel, int64_t c, const float* in, int64_t pixels,
+                    const float* add, float* out) {
+  if (pw.bn.activation == kRelu) PointwisePanel<kRelu>(pw, panel, c, in, pixels, add, out);
+  else if (pw.bn.activation == kHardswish) PointwisePanel<kHardswish>(pw, panel, c, in, pixels, add, out);
+  else PointwisePanel<kIdentity>(pw, panel, c, in, pixels, add, out);
 }
 
 void Pointwise1x1(const Pointwise& pw, const float* in, int64_t pixels, const float* add, float* out) {
-  if (pw.bn.activation == kRelu) Pointwise1x1<kRelu>(pw, in, pixels, add, out);
-  else if (pw.bn.activation == kHardswish) Pointwise1x1<kHardswish>(pw, in, pixels, add, out);
-  else Pointwise1x1<kIdentity>(pw, in, pixels, add, out);
+  for (int64_t c = 0; c < pw.cout; c += PanelWidth(c, pw.cout))
+    PointwisePanel(pw, pw.panels + c * pw.cin, c, in, pixels, add, out);
 }
 
 // What eval mode runs around a depthwise convolution in the same pass (all optional): on its input, the 1x1
@@ -1215,13 +1216,7 @@ ffi::Error PointwiseForwardBnAct(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, 
     const int64_t m0 = by_panel ? 0 : begin, m1 = by_panel ? pixels : end;
     for (int64_t p = p0; p < p1; ++p) {
       PackPanel(pw, starts[p], nullptr, panel.data());
-      auto run = [&](auto act) {
-        PointwisePanel<decltype(act)::value>(pw, panel.data(), starts[p], xd + m0 * K, m1 - m0, nullptr,
-                                             yd + m0 * N);
-      };
-      if (pw.bn.activation == kRelu) run(std::integral_constant<int64_t, kRelu>{});
-      else if (pw.bn.activation == kHardswish) run(std::integral_constant<int64_t, kHardswish>{});
-      else run(std::integral_constant<int64_t, kIdentity>{});
+      PointwisePanel(pw, panel.data(), starts[p], xd + m0 * K, m1 - m0, nullptr, yd + m0 * N);
     }
   });
   return ffi::Error::Success();

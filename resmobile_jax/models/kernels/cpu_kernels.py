@@ -297,7 +297,7 @@ def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, paddin
 def pointwise_forward_bn_act(x, w, scale, shift, activation: str):
     """act((x @ w) * scale + shift) over x's last axis, w (Cin, Cout): an eval-mode 1x1 convolution with its
     BatchNorm and activation in one call, for maps of few pixels. Forward only; its gradient is
-    layers.conv_bn_act_kernel's."""
+    layers.pointwise_bn_act_kernel's."""
     require()
     f32 = jnp.float32
     return _call("resmobile_pointwise_forward_bn_act", (*x.shape[:-1], w.shape[-1]), x.astype(f32), w.astype(f32),

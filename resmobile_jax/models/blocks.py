@@ -25,6 +25,7 @@ from resmobile_jax.models.layers import (
     conv_init,
     global_avg_pool,
     hard_sigmoid,
+    kernel_with_reference_gradient,
     make_divisible,
     static_at_most,
     unfused_conv_bn_act,
@@ -77,21 +78,10 @@ def _se_channel_scale(pooled, weights):
     return hard_sigmoid(jax.nn.relu(pooled @ w1 + b1) @ w2 + b2)
 
 
-@jax.custom_vjp
+@kernel_with_reference_gradient(_se_channel_scale)
 def se_scale_kernel(pooled, weights):
-    """cpu_kernels.se_scale_forward, differentiable (frozen-BN fine-tuning): the backward pass is the XLA form's."""
+    """cpu_kernels.se_scale_forward in one C++ call."""
     return cpu_kernels.se_scale_forward(pooled, *weights)
-
-
-def _se_scale_fwd(pooled, weights):
-    return se_scale_kernel(pooled, weights), (pooled, weights)
-
-
-def _se_scale_bwd(saved, g):
-    return jax.vjp(_se_channel_scale, *saved)[1](g)
-
-
-se_scale_kernel.defvjp(_se_scale_fwd, _se_scale_bwd)
 
 
 def folded_for_kernel(layer: ConvBNAct) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -195,7 +185,9 @@ class InvertedResidual(nnx.Module):
         return y + x if self.use_residual else y
 
 
-def _unfused_inverted_residual(activation, stride, padding, residual, x, expand, depthwise, se, project):
+def _unfused_inverted_residual(activation, stride, padding, residual, _se_kernel_max_images, x, expand, depthwise, se,
+                               project):
+    """What inverted_residual_kernel computes, in XLA ops (its gradient's reference; the SE kernel limit is unused)."""
     act = ACTIVATIONS[activation]
     y = x
     if expand is not None:
@@ -209,7 +201,7 @@ def _unfused_inverted_residual(activation, stride, padding, residual, x, expand,
     return y + x if residual else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+@kernel_with_reference_gradient(_unfused_inverted_residual, static_args=5)
 def inverted_residual_kernel(activation: str, stride: int, padding: int, residual: bool, se_kernel_max_images: int, x,
                              expand, depthwise, se, project):
     """An eval-mode inverted residual in C++ kernel calls, so that its expanded map (and without SE its depthwise
@@ -217,30 +209,13 @@ def inverted_residual_kernel(activation: str, stride: int, padding: int, residua
     with SE (`se` = its weights, else None), whose global pool needs the whole depthwise output before the
     projection, two: expansion + depthwise (+ the pool's sums), then the SE's small matmuls here, then the projection
     with the SE scale folded into its weights (se_channel_scale, up to `se_kernel_max_images` images as a C++
-    call). Each of `expand` (or None), `depthwise` and `project` is (kernel, BN
-    scale, BN shift). Differentiable (frozen-BN fine-tuning): the backward pass recomputes the unfused form and
-    takes its gradient."""
+    call). Each of `expand` (or None), `depthwise` and `project` is (kernel, BN scale, BN shift)."""
     if se is None:
         return cpu_kernels.inverted_residual_forward(x, expand, depthwise, project, activation, stride, padding,
                                                      residual)
     y, pooled = cpu_kernels.expand_depthwise_forward(x, expand, depthwise, activation, stride, padding)
     return cpu_kernels.se_project_forward(y, se_channel_scale(pooled, se, se_kernel_max_images), project,
                                           x if residual else None)
-
-
-def _inverted_residual_fwd(activation, stride, padding, residual, se_kernel_max_images, x, expand, depthwise, se,
-                           project):
-    y = inverted_residual_kernel(activation, stride, padding, residual, se_kernel_max_images, x, expand, depthwise, se,
-                                 project)
-    return y, (x, expand, depthwise, se, project)
-
-
-def _inverted_residual_bwd(activation, stride, padding, residual, se_kernel_max_images, saved, g):
-    unfused = functools.partial(_unfused_inverted_residual, activation, stride, padding, residual)
-    return jax.vjp(unfused, *saved)[1](g)
-
-
-inverted_residual_kernel.defvjp(_inverted_residual_fwd, _inverted_residual_bwd)
 
 
 # Eval mode runs a bottleneck as one kernel call from this many images on: with fewer, XLA's ~6 small ops were as
@@ -294,20 +269,8 @@ def _unfused_bottleneck(x, conv1, conv2, conv3):
     return jax.nn.relu(y @ w3 * s3 + b3 + x)
 
 
-@jax.custom_vjp
+@kernel_with_reference_gradient(_unfused_bottleneck)
 def bottleneck_kernel(x, conv1, conv2, conv3):
     """An eval-mode bottleneck as one C++ kernel call (cpu_kernels.bottleneck_forward): on the tail's small maps
-    XLA ran each of its ~6 ops as a separate short pass. Each conv is (kernel, BN scale, BN shift). Differentiable
-    (frozen-BN fine-tuning): the backward pass recomputes the unfused form and takes its gradient."""
+    XLA ran each of its ~6 ops as a separate short pass. Each conv is (kernel, BN scale, BN shift)."""
     return cpu_kernels.bottleneck_forward(x, conv1, conv2, conv3)
-
-
-def _bottleneck_fwd(x, conv1, conv2, conv3):
-    return bottleneck_kernel(x, conv1, conv2, conv3), (x, conv1, conv2, conv3)
-
-
-def _bottleneck_bwd(saved, g):
-    return jax.vjp(_unfused_bottleneck, *saved)[1](g)
-
-
-bottleneck_kernel.defvjp(_bottleneck_fwd, _bottleneck_bwd)

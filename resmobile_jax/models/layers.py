@@ -442,6 +442,28 @@ def depthwise_conv(x: Array, w: Array, stride: int, padding: int, impl: str) -> 
     return out
 
 
+def kernel_with_reference_gradient(reference: Callable, static_args: int = 0):
+    """Decorator: a C++ forward kernel made differentiable with the gradient of `reference`, the same function in
+    XLA ops (same signature; its first `static_args` arguments are hashable settings). The backward pass recomputes
+    the reference from the kernel's saved inputs and takes its vjp, so the eval-mode kernels still train
+    (frozen-BN fine-tuning) and their gradient is exactly the XLA form's."""
+
+    def wrap(kernel: Callable) -> Callable:
+        differentiable = jax.custom_vjp(kernel, nondiff_argnums=tuple(range(static_args)))
+
+        def forward(*args):
+            return differentiable(*args), args[static_args:]
+
+        def backward(*args):
+            *settings, saved, g = args
+            return jax.vjp(functools.partial(reference, *settings), *saved)[1](g)
+
+        differentiable.defvjp(forward, backward)
+        return differentiable  # custom_vjp keeps the kernel's name and docstring
+
+    return wrap
+
+
 def unfused_conv_bn_act(depthwise, activation, stride, padding, max_pool, x, w, scale, shift):
     """What conv_bn_act_kernel computes, from the plain kernels and XLA ops (its gradient's reference)."""
     conv = cpu_kernels.depthwise_conv if depthwise else cpu_kernels.dense_conv
@@ -449,28 +471,14 @@ def unfused_conv_bn_act(depthwise, activation, stride, padding, max_pool, x, w, 
     return max_pool_3x3_s2(y) if max_pool else y
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1, 2, 3, 4))
+@kernel_with_reference_gradient(unfused_conv_bn_act, static_args=5)
 def conv_bn_act_kernel(depthwise: bool, activation: str, stride: int, padding: int, max_pool: bool, x, w, scale,
                        shift):
     """act(conv(x, w) * scale + shift) as one C++ kernel call (eval-mode BatchNorm folded into scale and shift),
     then with `max_pool` (dense only) ResNet's 3x3 stride-2 max pool. XLA cannot fuse into a custom call, so
-    unfused each of these is one more pass over a feature map in memory. Differentiable (frozen-BN fine-tuning):
-    the backward pass recomputes the unfused form and takes its gradient."""
+    unfused each of these is one more pass over a feature map in memory."""
     return cpu_kernels.conv_bn_act_forward(x, w, scale, shift, activation, stride, padding, depthwise=depthwise,
                                            max_pool=max_pool)
-
-
-def _conv_bn_act_fwd(depthwise, activation, stride, padding, max_pool, x, w, scale, shift):
-    y = conv_bn_act_kernel(depthwise, activation, stride, padding, max_pool, x, w, scale, shift)
-    return y, (x, w, scale, shift)
-
-
-def _conv_bn_act_bwd(depthwise, activation, stride, padding, max_pool, residuals, g):
-    unfused = functools.partial(unfused_conv_bn_act, depthwise, activation, stride, padding, max_pool)
-    return jax.vjp(unfused, *residuals)[1](g)
-
-
-conv_bn_act_kernel.defvjp(_conv_bn_act_fwd, _conv_bn_act_bwd)
 
 
 # Eval mode runs a 1x1 conv + BN + activation over at most this many pixels (N*H*W) as one C++ call
@@ -486,22 +494,10 @@ def _unfused_pointwise_bn_act(activation, x, w, scale, shift):
     return ACTIVATIONS[activation](x @ w * scale + shift)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+@kernel_with_reference_gradient(_unfused_pointwise_bn_act, static_args=1)
 def pointwise_bn_act_kernel(activation: str, x, w, scale, shift):
-    """act((x @ w) * scale + shift), w (Cin, Cout), as one C++ call (cpu_kernels.pointwise_forward_bn_act).
-    Differentiable (frozen-BN fine-tuning): the backward pass is the XLA form's."""
+    """act((x @ w) * scale + shift), w (Cin, Cout), as one C++ call (cpu_kernels.pointwise_forward_bn_act)."""
     return cpu_kernels.pointwise_forward_bn_act(x, w, scale, shift, activation)
-
-
-def _pointwise_bn_act_fwd(activation, x, w, scale, shift):
-    return pointwise_bn_act_kernel(activation, x, w, scale, shift), (x, w, scale, shift)
-
-
-def _pointwise_bn_act_bwd(activation, saved, g):
-    return jax.vjp(functools.partial(_unfused_pointwise_bn_act, activation), *saved)[1](g)
-
-
-pointwise_bn_act_kernel.defvjp(_pointwise_bn_act_fwd, _pointwise_bn_act_bwd)
 
 
 class ConvBNAct(nnx.Module):

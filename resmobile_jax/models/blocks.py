@@ -89,11 +89,19 @@ def folded_for_kernel(layer: ConvBNAct) -> tuple[jax.Array, jax.Array, jax.Array
     return (w.reshape(w.shape[-2:]) if w.shape[:2] == (1, 1) else w), scale, shift
 
 
-# Eval mode fuses an inverted residual into C++ kernel calls only where its expanded map is this big (bytes, float32):
-# there the saved passes over memory win. On small maps (64 px inputs, batch-1 latency) XLA's matmuls, which reuse
-# their weights over all pixels at once, were faster than the fused kernels' row-wise 1x1s (64 px batch 32: 16-19
-# vs 22-29 ms for V1; batch 1 at 224 px: 7.5-10 vs 9-12 ms).
+# Eval mode fuses an inverted residual into C++ kernel calls where its expanded map is this big (bytes, float32):
+# there the saved passes over memory win whatever the block's width.
 FUSED_BLOCK_MIN_BYTES = 4 << 20
+# On smaller maps the fused kernels' 1x1s, which read all of their weights for every ~64 pixels of one image (and the
+# SE projection packs its SE-scaled weights once per image), still win where that is cheap
+# (config.model.fuse_eval_small_blocks): where the block's 1x1 weights are at most FUSED_BLOCK_MAX_WEIGHT_BYTES
+# (every expansion up to 240 channels; they stay in L1/L2), or where an image's input map has at least
+# FUSED_BLOCK_MIN_IMAGE_PIXELS pixels. Not on the wide late blocks' 4x4 and 2x2 maps (64 px inputs) or the 960-wide
+# blocks' 7x7 at batch 1: there XLA's matmuls, reading the weights once for all images, were 1.15-1.6x faster per
+# block. Whole embed call against FUSED_BLOCK_MIN_BYTES alone, 2-core Zen 4 (benchmarks/SPEED.md): V1 / V2 64 px
+# batch 32 0.91x / 0.96x the time, 224 px batch 1 0.73x / 0.85x, V2 224 px batch 4 0.92x, 64 px batch 64 even.
+FUSED_BLOCK_MAX_WEIGHT_BYTES = 128 << 10
+FUSED_BLOCK_MIN_IMAGE_PIXELS = 64
 
 
 class InvertedResidual(nnx.Module):
@@ -108,6 +116,7 @@ class InvertedResidual(nnx.Module):
         batch_norm_impl: BatchNormImpl = "auto",
         fuse_eval_bn: bool = True,
         fuse_train_bn: bool = True,
+        fuse_small_blocks: bool = True,
         se_kernel_max_images: int = SE_KERNEL_MAX_IMAGES,
         pointwise_kernel_max_pixels: int = POINTWISE_KERNEL_MAX_PIXELS,
         dtype=None,
@@ -120,6 +129,7 @@ class InvertedResidual(nnx.Module):
                   rng=rng)
         self.spec = spec
         self.fuse_train_bn = fuse_train_bn
+        self.fuse_small_blocks = fuse_small_blocks
         self.use_residual = spec.stride == 1 and spec.in_channels == spec.out_channels
         # torchvision adds the expand conv only when it changes the width (V2's block 1 gains one: 64 -> 16).
         self.expand = ConvBNAct(spec.in_channels, spec.expanded, 1, activation=act, **kw) if spec.expanded != spec.in_channels else None
@@ -136,11 +146,17 @@ class InvertedResidual(nnx.Module):
         self.project = ConvBNAct(spec.expanded, spec.out_channels, 1, activation="identity", **kw)
 
     def runs_as_kernels(self, x) -> bool:
-        """Eval mode with the C++ depthwise kernel and a big expanded map (FUSED_BLOCK_MIN_BYTES): the whole block
-        runs as one kernel call, or two around the SE's small matmuls (inverted_residual_kernel)."""
-        expanded_bytes = x.size // x.shape[-1] * self.spec.expanded * 4
-        return (self.depthwise.runs_as_one_kernel(self.depthwise.conv.dtype or x.dtype)
-                and expanded_bytes >= FUSED_BLOCK_MIN_BYTES)
+        """Eval mode with the C++ depthwise kernel: the whole block runs as one kernel call, or two around the SE's
+        small matmuls (inverted_residual_kernel), on a big expanded map (FUSED_BLOCK_MIN_BYTES) and, with
+        `fuse_small_blocks`, on smaller ones where the kernels' 1x1s are cheap (narrow weights or 64+ pixel maps)."""
+        if not self.depthwise.runs_as_one_kernel(self.depthwise.conv.dtype or x.dtype):
+            return False
+        if x.size // x.shape[-1] * self.spec.expanded * 4 >= FUSED_BLOCK_MIN_BYTES:
+            return True
+        spec = self.spec
+        weight_bytes = 4 * spec.expanded * ((0 if self.expand is None else spec.in_channels) + spec.out_channels)
+        return self.fuse_small_blocks and (weight_bytes <= FUSED_BLOCK_MAX_WEIGHT_BYTES
+                                           or x.shape[1] * x.shape[2] >= FUSED_BLOCK_MIN_IMAGE_PIXELS)
 
     def expansion_bn_in_depthwise(self, x) -> bool:
         """Training (batch statistics) with the C++ BN and depthwise kernels, and `fuse_train_bn`."""

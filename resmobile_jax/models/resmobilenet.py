@@ -47,6 +47,7 @@ class ResMobileNet(nnx.Module):
         fuse_eval_bn: bool = True,
         fuse_eval_bottleneck: bool = True,
         fuse_train_bn: bool = True,
+        fuse_eval_small_blocks: bool = True,
         se_kernel_max_images: int = SE_KERNEL_MAX_IMAGES,
         pointwise_kernel_max_pixels: int = POINTWISE_KERNEL_MAX_PIXELS,
         dtype: Any = jnp.float32,
@@ -68,7 +69,7 @@ class ResMobileNet(nnx.Module):
         self.mid = nnx.List(
             [InvertedResidual(spec, depthwise_impl=depthwise_impl, pointwise_impl=pointwise_impl,
                               batch_norm_impl=batch_norm_impl, fuse_eval_bn=fuse_eval_bn, fuse_train_bn=fuse_train_bn,
-                              se_kernel_max_images=se_kernel_max_images,
+                              fuse_small_blocks=fuse_eval_small_blocks, se_kernel_max_images=se_kernel_max_images,
                               pointwise_kernel_max_pixels=pointwise_kernel_max_pixels, **kw)
              for spec in mid_block_specs(variant, v2_output_stride)]
         )
@@ -150,6 +151,7 @@ def model_kwargs(model_config: Mapping[str, Any]) -> dict[str, Any]:
         fuse_eval_bn=bool(model_config.get("fuse_eval_bn", True)),
         fuse_eval_bottleneck=bool(model_config.get("fuse_eval_bottleneck", True)),
         fuse_train_bn=bool(model_config.get("fuse_train_bn", True)),
+        fuse_eval_small_blocks=bool(model_config.get("fuse_eval_small_blocks", True)),
         se_kernel_max_images=int(model_config.get("se_kernel_max_images", SE_KERNEL_MAX_IMAGES)),
         pointwise_kernel_max_pixels=int(model_config.get("pointwise_kernel_max_pixels", POINTWISE_KERNEL_MAX_PIXELS)),
         dtype=jnp.dtype(model_config.get("dtype", "float32")),

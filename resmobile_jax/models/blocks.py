@@ -92,16 +92,14 @@ def folded_for_kernel(layer: ConvBNAct) -> tuple[jax.Array, jax.Array, jax.Array
 # Eval mode fuses an inverted residual into C++ kernel calls where its expanded map is this big (bytes, float32):
 # there the saved passes over memory win whatever the block's width.
 FUSED_BLOCK_MIN_BYTES = 4 << 20
-# On smaller maps the fused kernels' 1x1s, which read all of their weights for every ~64 pixels of one image (and the
-# SE projection packs its SE-scaled weights once per image), still win where that is cheap
-# (config.model.fuse_eval_small_blocks): where the block's 1x1 weights are at most FUSED_BLOCK_MAX_WEIGHT_BYTES
-# (every expansion up to 240 channels; they stay in L1/L2), or where an image's input map has at least
-# FUSED_BLOCK_MIN_IMAGE_PIXELS pixels. Not on the wide late blocks' 4x4 and 2x2 maps (64 px inputs) or the 960-wide
-# blocks' 7x7 at batch 1: there XLA's matmuls, reading the weights once for all images, were 1.15-1.6x faster per
-# block. Whole embed call against FUSED_BLOCK_MIN_BYTES alone, 2-core Zen 4 (benchmarks/SPEED.md): V1 / V2 64 px
-# batch 32 0.91x / 0.96x the time, 224 px batch 1 0.73x / 0.85x, V2 224 px batch 4 0.92x, 64 px batch 64 even.
+# Below that, from FUSED_SMALL_BLOCK_MIN_BATCH images on, blocks whose 1x1 weights are at most
+# FUSED_BLOCK_MAX_WEIGHT_BYTES (every expansion up to 240 channels) run fused too (config.model.fuse_eval_small_blocks):
+# the fused kernels' 1x1s read all their weights for every ~64 pixels of one image, cheap while the weights stay in
+# L1/L2. Whole embed call under the entry points' settings, 2-core Zen 4 (benchmarks/SPEED.md): 64 px batch 32 V1 / V2
+# 0.95-0.96x / 0.97-0.98x the time, batch 64 0.98x, 224 px batch 8 0.99x; at 224 px batch 1 V2 1.02x (and the
+# wider blocks fused as well up to 1.10x): hence not for small batches, nor for wider blocks.
 FUSED_BLOCK_MAX_WEIGHT_BYTES = 128 << 10
-FUSED_BLOCK_MIN_IMAGE_PIXELS = 64
+FUSED_SMALL_BLOCK_MIN_BATCH = 8
 
 
 class InvertedResidual(nnx.Module):
@@ -148,15 +146,15 @@ class InvertedResidual(nnx.Module):
     def runs_as_kernels(self, x) -> bool:
         """Eval mode with the C++ depthwise kernel: the whole block runs as one kernel call, or two around the SE's
         small matmuls (inverted_residual_kernel), on a big expanded map (FUSED_BLOCK_MIN_BYTES) and, with
-        `fuse_small_blocks`, on smaller ones where the kernels' 1x1s are cheap (narrow weights or 64+ pixel maps)."""
+        `fuse_small_blocks`, on smaller ones of narrow blocks from FUSED_SMALL_BLOCK_MIN_BATCH images on."""
         if not self.depthwise.runs_as_one_kernel(self.depthwise.conv.dtype or x.dtype):
             return False
         if x.size // x.shape[-1] * self.spec.expanded * 4 >= FUSED_BLOCK_MIN_BYTES:
             return True
         spec = self.spec
         weight_bytes = 4 * spec.expanded * ((0 if self.expand is None else spec.in_channels) + spec.out_channels)
-        return self.fuse_small_blocks and (weight_bytes <= FUSED_BLOCK_MAX_WEIGHT_BYTES
-                                           or x.shape[1] * x.shape[2] >= FUSED_BLOCK_MIN_IMAGE_PIXELS)
+        return (self.fuse_small_blocks and x.shape[0] >= FUSED_SMALL_BLOCK_MIN_BATCH
+                and weight_bytes <= FUSED_BLOCK_MAX_WEIGHT_BYTES)
 
     def expansion_bn_in_depthwise(self, x) -> bool:
         """Training (batch statistics) with the C++ BN and depthwise kernels, and `fuse_train_bn`."""

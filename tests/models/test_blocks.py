@@ -102,27 +102,29 @@ def runs_fused(text: str) -> bool:
 
 def test_which_blocks_run_as_kernel_calls(rng):
     """Big expanded maps (FUSED_BLOCK_MIN_BYTES) always run as the fused calls. Below that, with fuse_small_blocks,
-    blocks with narrow 1x1 weights or 64+ pixel maps do; wide blocks on small maps (4x4, 7x7) keep XLA's matmuls and
-    the depthwise kernel with its BN epilogue."""
+    narrow blocks from FUSED_SMALL_BLOCK_MIN_BATCH images on; wide blocks on small maps, and any block on fewer
+    images, keep XLA's matmuls and the depthwise kernel with its BN epilogue."""
     narrow, wide = MOBILENET_V3_LARGE_BLOCKS[2], MOBILENET_V3_LARGE_BLOCKS[11]  # 24 -> 72 (14 KB), 112 -> 672 (SE)
-    weight_bytes = 4 * wide.expanded * (wide.in_channels + wide.out_channels)
+    batch = blocks.FUSED_SMALL_BLOCK_MIN_BATCH
     assert 4 * narrow.expanded * (narrow.in_channels + narrow.out_channels) <= blocks.FUSED_BLOCK_MAX_WEIGHT_BYTES
-    assert weight_bytes > blocks.FUSED_BLOCK_MAX_WEIGHT_BYTES
-    assert runs_fused(lowered_block(narrow, (1, 4, 4)))
-    assert not runs_fused(lowered_block(narrow, (1, 4, 4), fuse_small_blocks=False))
-    small = lowered_block(wide, (32, 4, 4))  # 16 pixels an image
-    assert not runs_fused(small) and "@resmobile_depthwise_forward_bn_act(" in small
-    assert not runs_fused(lowered_block(wide, (1, 7, 7)))
-    assert runs_fused(lowered_block(wide, (1, 8, 8)))  # FUSED_BLOCK_MIN_IMAGE_PIXELS
-    assert not runs_fused(lowered_block(wide, (1, 8, 8), fuse_small_blocks=False))
+    assert 4 * wide.expanded * (wide.in_channels + wide.out_channels) > blocks.FUSED_BLOCK_MAX_WEIGHT_BYTES
+    assert runs_fused(lowered_block(narrow, (batch, 4, 4)))
+    few = lowered_block(narrow, (batch - 1, 4, 4))
+    assert not runs_fused(few) and "@resmobile_depthwise_forward_bn_act(" in few
+    assert not runs_fused(lowered_block(narrow, (batch, 4, 4), fuse_small_blocks=False))
+    assert not runs_fused(lowered_block(wide, (32, 4, 4)))
     images = -(-blocks.FUSED_BLOCK_MIN_BYTES // (4 * 16 * wide.expanded))  # 4x4 maps, just over the byte limit
     assert runs_fused(lowered_block(wide, (images, 4, 4), fuse_small_blocks=False))
     assert not runs_fused(lowered_block(wide, (images - 1, 4, 4)))
+    side = int(np.ceil(np.sqrt(blocks.FUSED_BLOCK_MIN_BYTES / (4 * narrow.expanded))))  # one image
+    assert runs_fused(lowered_block(narrow, (1, side, side)))
+    assert not runs_fused(lowered_block(narrow, (1, side - 1, side - 1)))
 
 
 def test_small_block_fusion_setting_reaches_the_model():
     """config.model.fuse_eval_small_blocks (what `bench.ab --option fuse_eval_small_blocks` compares): V1 at 64 px,
-    batch 2, fuses its narrow blocks only with it; the 4x4 and 2x2 maps of the wide ones stay XLA's either way."""
+    batch 8, fuses its narrow blocks with it (none of its maps reaches FUSED_BLOCK_MIN_BYTES); the 4x4 and 2x2 maps of
+    the wide ones stay XLA's either way."""
     from configs.base import get_base_config
     from resmobile_jax.models import build_model
 
@@ -131,7 +133,7 @@ def test_small_block_fusion_setting_reaches_the_model():
         config.update(options)
         model = build_model(config)
         graphdef, state = nnx.split(model)
-        x = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+        x = jax.ShapeDtypeStruct((blocks.FUSED_SMALL_BLOCK_MIN_BATCH, 64, 64, 3), jnp.float32)
         text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
         return text.count("@resmobile_inverted_residual_forward(") + text.count("@resmobile_se_project_forward(")
 
@@ -304,9 +306,8 @@ def test_the_se_kernel_limit_follows_the_config():
 
 def test_the_pointwise_kernel_limit_follows_the_config():
     """config.model.pointwise_kernel_max_pixels reaches every 1x1 conv of the mid and tail: at 224 px, batch 1, the
-    7x7 stage's (49 pixels) run as C++ calls: blocks 13-14's expansion and projection, the six bottlenecks' two 1x1s
-    (at batch 1 the bottlenecks are not one fused call; block 12, on a 14x14 input map, runs as the fused block
-    calls, unless fuse_eval_small_blocks is off: then its projection too); none at 0, none with 14x14 maps."""
+    7x7 stage's (49 pixels) run as C++ calls: block 12's projection, blocks 13-14's expansion and projection, the six
+    bottlenecks' two 1x1s (at batch 1 the bottlenecks are not one fused call); none at 0, none with 14x14 maps."""
     from resmobile_jax.models import build_model
     from resmobile_jax.models.resmobilenet import XLA_ONLY
 
@@ -317,11 +318,9 @@ def test_the_pointwise_kernel_limit_follows_the_config():
         lowered = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
         return lowered.count("@resmobile_pointwise_forward_bn_act(")
 
-    assert pointwise_calls(1) == 2 * 2 + 6 * 2
+    assert pointwise_calls(1) == 1 + 2 * 2 + 6 * 2
     assert pointwise_calls(1, pointwise_kernel_max_pixels=0) == 0
-    unfused = dict(fuse_eval_small_blocks=False)
-    assert pointwise_calls(1, **unfused) == 1 + 2 * 2 + 6 * 2
-    assert pointwise_calls(1, pointwise_kernel_max_pixels=195, **unfused) == 17  # the 14x14 maps have 196 pixels
-    assert pointwise_calls(1, pointwise_kernel_max_pixels=196, **unfused) > 17
+    assert pointwise_calls(1, pointwise_kernel_max_pixels=195) == 17  # the 14x14 maps have 196 pixels
+    assert pointwise_calls(1, pointwise_kernel_max_pixels=196) > 17
     assert pointwise_calls(2) == 0  # 98 pixels at 7x7
     assert pointwise_calls(1, **XLA_ONLY) == 0  # what portable exports build (export.check.float32_copy)

@@ -35,7 +35,7 @@ def get_base_config(variant: str, preset: str | None = None) -> ml_collections.C
     c.model.batch_norm_impl = "auto"  # training-mode BN + activation: "auto" cpu_kernel where it applies | "xla" | "cpu_kernel"
     c.model.fuse_eval_bn = True  # eval mode, C++ kernels: BN, activations, 1x1 convs, SE scale, max pool fused into them
     c.model.fuse_eval_bottleneck = True  # eval mode, C++ kernels, with fuse_eval_bn: each tail bottleneck as one kernel call (8+ images)
-    c.model.fuse_eval_small_blocks = True  # eval mode, C++ kernels, 8+ images: narrow inverted residuals (1x1 weights <= 128 KiB) as kernel calls on maps under 4 MiB too
+    c.model.fuse_eval_small_blocks = True  # eval mode, C++ kernels, 8+ images: narrow inverted residuals (1x1 weights <= 128 KiB) on 64+ pixel maps as kernel calls under 4 MiB too
     c.model.fuse_train_bn = True  # training, C++ kernels: each expansion's BN + activation run inside the depthwise kernels
     c.model.se_kernel_max_images = 4  # eval mode, C++ kernels: SE scale of at most this many images as one C++ call (0: never)
     c.model.pointwise_kernel_max_pixels = 64  # eval mode, C++ kernels: 1x1 conv + BN + act over at most this many pixels as one C++ call (0: never)

@@ -93,13 +93,15 @@ def folded_for_kernel(layer: ConvBNAct) -> tuple[jax.Array, jax.Array, jax.Array
 # there the saved passes over memory win whatever the block's width.
 FUSED_BLOCK_MIN_BYTES = 4 << 20
 # Below that, from FUSED_SMALL_BLOCK_MIN_BATCH images on, blocks whose 1x1 weights are at most
-# FUSED_BLOCK_MAX_WEIGHT_BYTES (every expansion up to 240 channels) run fused too (config.model.fuse_eval_small_blocks):
-# the fused kernels' 1x1s read all their weights for every ~64 pixels of one image, cheap while the weights stay in
-# L1/L2. Whole embed call under the entry points' settings, 2-core Zen 4 (benchmarks/SPEED.md): 64 px batch 32 V1 / V2
-# 0.95-0.96x / 0.97-0.98x the time, batch 64 0.98x, 224 px batch 8 0.99x; at 224 px batch 1 V2 1.02x (and the
-# wider blocks fused as well up to 1.10x): hence not for small batches, nor for wider blocks.
+# FUSED_BLOCK_MAX_WEIGHT_BYTES (every expansion up to 240 channels) on maps of at least FUSED_SMALL_BLOCK_MIN_PIXELS
+# pixels an image run fused too (config.model.fuse_eval_small_blocks): the fused kernels' 1x1s take ~64 pixels of
+# one image per call and read all their weights each time, cheap while the weights stay in L1/L2 and a call has
+# enough pixels. Whole embed call under the entry points' settings, 2-core Zen 4 (benchmarks/SPEED.md): 64 px batch
+# 32 V1 / V2 0.96-0.97x the time, batch 64 0.98x, 224 px batch 8 0.99x. Not for small batches (224 px batch 1 V2
+# 1.02x), wider blocks (up to 1.10x there), or smaller maps (32 px batch 64: 1.01-1.02x).
 FUSED_BLOCK_MAX_WEIGHT_BYTES = 128 << 10
 FUSED_SMALL_BLOCK_MIN_BATCH = 8
+FUSED_SMALL_BLOCK_MIN_PIXELS = 64
 
 
 class InvertedResidual(nnx.Module):
@@ -146,7 +148,8 @@ class InvertedResidual(nnx.Module):
     def runs_as_kernels(self, x) -> bool:
         """Eval mode with the C++ depthwise kernel: the whole block runs as one kernel call, or two around the SE's
         small matmuls (inverted_residual_kernel), on a big expanded map (FUSED_BLOCK_MIN_BYTES) and, with
-        `fuse_small_blocks`, on smaller ones of narrow blocks from FUSED_SMALL_BLOCK_MIN_BATCH images on."""
+        `fuse_small_blocks`, on smaller ones of narrow blocks from FUSED_SMALL_BLOCK_MIN_BATCH images and
+        FUSED_SMALL_BLOCK_MIN_PIXELS pixels an image on."""
         if not self.depthwise.runs_as_one_kernel(self.depthwise.conv.dtype or x.dtype):
             return False
         if x.size // x.shape[-1] * self.spec.expanded * 4 >= FUSED_BLOCK_MIN_BYTES:
@@ -154,6 +157,7 @@ class InvertedResidual(nnx.Module):
         spec = self.spec
         weight_bytes = 4 * spec.expanded * ((0 if self.expand is None else spec.in_channels) + spec.out_channels)
         return (self.fuse_small_blocks and x.shape[0] >= FUSED_SMALL_BLOCK_MIN_BATCH
+                and x.shape[1] * x.shape[2] >= FUSED_SMALL_BLOCK_MIN_PIXELS
                 and weight_bytes <= FUSED_BLOCK_MAX_WEIGHT_BYTES)
 
     def expansion_bn_in_depthwise(self, x) -> bool:

@@ -102,17 +102,19 @@ def runs_fused(text: str) -> bool:
 
 def test_which_blocks_run_as_kernel_calls(rng):
     """Big expanded maps (FUSED_BLOCK_MIN_BYTES) always run as the fused calls. Below that, with fuse_small_blocks,
-    narrow blocks from FUSED_SMALL_BLOCK_MIN_BATCH images on; wide blocks on small maps, and any block on fewer
-    images, keep XLA's matmuls and the depthwise kernel with its BN epilogue."""
+    narrow blocks from FUSED_SMALL_BLOCK_MIN_BATCH images and FUSED_SMALL_BLOCK_MIN_PIXELS pixels an image on; wide
+    blocks, smaller maps and fewer images keep XLA's matmuls and the depthwise kernel with its BN epilogue."""
     narrow, wide = MOBILENET_V3_LARGE_BLOCKS[2], MOBILENET_V3_LARGE_BLOCKS[11]  # 24 -> 72 (14 KB), 112 -> 672 (SE)
     batch = blocks.FUSED_SMALL_BLOCK_MIN_BATCH
+    assert blocks.FUSED_SMALL_BLOCK_MIN_PIXELS == 64  # the 8x8 and 7x8 maps below
     assert 4 * narrow.expanded * (narrow.in_channels + narrow.out_channels) <= blocks.FUSED_BLOCK_MAX_WEIGHT_BYTES
     assert 4 * wide.expanded * (wide.in_channels + wide.out_channels) > blocks.FUSED_BLOCK_MAX_WEIGHT_BYTES
-    assert runs_fused(lowered_block(narrow, (batch, 4, 4)))
-    few = lowered_block(narrow, (batch - 1, 4, 4))
+    assert runs_fused(lowered_block(narrow, (batch, 8, 8)))
+    few = lowered_block(narrow, (batch - 1, 8, 8))
     assert not runs_fused(few) and "@resmobile_depthwise_forward_bn_act(" in few
-    assert not runs_fused(lowered_block(narrow, (batch, 4, 4), fuse_small_blocks=False))
-    assert not runs_fused(lowered_block(wide, (32, 4, 4)))
+    assert not runs_fused(lowered_block(narrow, (batch, 7, 8)))
+    assert not runs_fused(lowered_block(narrow, (batch, 8, 8), fuse_small_blocks=False))
+    assert not runs_fused(lowered_block(wide, (batch, 8, 8)))
     images = -(-blocks.FUSED_BLOCK_MIN_BYTES // (4 * 16 * wide.expanded))  # 4x4 maps, just over the byte limit
     assert runs_fused(lowered_block(wide, (images, 4, 4), fuse_small_blocks=False))
     assert not runs_fused(lowered_block(wide, (images - 1, 4, 4)))
@@ -123,8 +125,8 @@ def test_which_blocks_run_as_kernel_calls(rng):
 
 def test_small_block_fusion_setting_reaches_the_model():
     """config.model.fuse_eval_small_blocks (what `bench.ab --option fuse_eval_small_blocks` compares): V1 at 64 px,
-    batch 8, fuses its narrow blocks with it (none of its maps reaches FUSED_BLOCK_MIN_BYTES); the 4x4 and 2x2 maps of
-    the wide ones stay XLA's either way."""
+    batch 8, fuses its narrow blocks on 8x8 and larger maps with it (none of its maps reaches FUSED_BLOCK_MIN_BYTES);
+    the 4x4 and 2x2 maps stay XLA's either way."""
     from configs.base import get_base_config
     from resmobile_jax.models import build_model
 
@@ -140,7 +142,7 @@ def test_small_block_fusion_setting_reaches_the_model():
     narrow = sum(4 * s.expanded * ((s.in_channels if s.expanded != s.in_channels else 0) + s.out_channels)
                  <= blocks.FUSED_BLOCK_MAX_WEIGHT_BYTES for s in MOBILENET_V3_LARGE_BLOCKS)
     assert narrow == 10  # every block up to the 240-wide one
-    assert fused_calls(fuse_eval_small_blocks=True) == narrow
+    assert fused_calls(fuse_eval_small_blocks=True) == 7  # on 32x32, 16x16 and 8x8 maps; blocks 7-9 see 4x4
     assert fused_calls(fuse_eval_small_blocks=False) == 0
 
 

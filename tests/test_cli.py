@@ -110,3 +110,37 @@ def test_user_xla_flag_wins_and_opt_out_leaves_xla_flags_alone(tmp_path):
     r = run_program(tmp_path, {"RESMOBILE_XLA_FLAGS": "default"})
     assert r["xla_flags"] is None
     assert r["ynn_dots"]  # jaxlib's default: each dot is a YNNPACK call; the test above sees the flag change that
+
+
+LIBRARY_USE = """
+import os, sys
+from resmobile_jax import cli
+if sys.argv[1] == "late":
+    import jax.numpy as jnp
+    jnp.zeros(1).block_until_ready()  # the backend starts here
+try:
+    cli.apply_cpu_settings()
+except RuntimeError as e:
+    print("error:", e)
+import jax, jax.numpy as jnp
+a = jnp.ones((256, 256), jnp.float32)
+print(repr(os.environ.get("XLA_FLAGS")), jax.config.values["jax_cpu_enable_async_dispatch"],
+      "ynn_fusion" in jax.jit(lambda a: a @ a).lower(a).compile().as_text(), sep="|")
+"""
+
+
+@pytest.mark.parametrize("when", ["first", "late"])
+def test_apply_cpu_settings_for_library_use(tmp_path, when):
+    """A notebook or script without cli.run gets the entry points' XLA flag (dots off YNNPACK, as the compiled
+    program shows) and inline execution, or, once JAX's backend has started, an error saying to call it first."""
+    script = tmp_path / "library_use.py"
+    script.write_text(LIBRARY_USE)
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "RESMOBILE_XLA_FLAGS", "RESMOBILE_MALLOC")}
+    out = subprocess.run([sys.executable, str(script), when], env={**env, "PYTHONPATH": ROOT}, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    flag = "--" + "=".join(next(iter(cli.XLA_CPU_FLAGS.items())))
+    if when == "first":
+        assert out.strip() == f"{flag!r}|False|False"
+    else:
+        assert "error: JAX's backend has already started" in out and "call it first" in out
+        assert out.strip().endswith("None|True|True")  # nothing changed

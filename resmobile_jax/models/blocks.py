@@ -152,9 +152,9 @@ class InvertedResidual(nnx.Module):
         FUSED_SMALL_BLOCK_MIN_PIXELS pixels an image on."""
         if not self.depthwise.runs_as_one_kernel(self.depthwise.conv.dtype or x.dtype):
             return False
-        if x.size // x.shape[-1] * self.spec.expanded * 4 >= FUSED_BLOCK_MIN_BYTES:
-            return True
         spec = self.spec
+        if x.size // x.shape[-1] * spec.expanded * 4 >= FUSED_BLOCK_MIN_BYTES:
+            return True
         weight_bytes = 4 * spec.expanded * ((0 if self.expand is None else spec.in_channels) + spec.out_channels)
         return (self.fuse_small_blocks and x.shape[0] >= FUSED_SMALL_BLOCK_MIN_BATCH
                 and x.shape[1] * x.shape[2] >= FUSED_SMALL_BLOCK_MIN_PIXELS

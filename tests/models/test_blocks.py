@@ -96,11 +96,18 @@ def lowered_block(spec, shape, **options) -> str:
     return jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
 
 
+FUSED_BLOCK_CALLS = ("@resmobile_inverted_residual_forward(", "@resmobile_se_project_forward(")  # no SE / with SE
+
+
+def fused_block_calls(text: str) -> int:
+    return sum(text.count(call) for call in FUSED_BLOCK_CALLS)
+
+
 def runs_fused(text: str) -> bool:
-    return "@resmobile_inverted_residual_forward(" in text or "@resmobile_se_project_forward(" in text
+    return fused_block_calls(text) > 0
 
 
-def test_which_blocks_run_as_kernel_calls(rng):
+def test_which_blocks_run_as_kernel_calls():
     """Big expanded maps (FUSED_BLOCK_MIN_BYTES) always run as the fused calls. Below that, with fuse_small_blocks,
     narrow blocks from FUSED_SMALL_BLOCK_MIN_BATCH images and FUSED_SMALL_BLOCK_MIN_PIXELS pixels an image on; wide
     blocks, smaller maps and fewer images keep XLA's matmuls and the depthwise kernel with its BN epilogue."""
@@ -136,8 +143,7 @@ def test_small_block_fusion_setting_reaches_the_model():
         model = build_model(config)
         graphdef, state = nnx.split(model)
         x = jax.ShapeDtypeStruct((blocks.FUSED_SMALL_BLOCK_MIN_BATCH, 64, 64, 3), jnp.float32)
-        text = jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text()
-        return text.count("@resmobile_inverted_residual_forward(") + text.count("@resmobile_se_project_forward(")
+        return fused_block_calls(jax.jit(lambda s, x: nnx.merge(graphdef, s)(x)).lower(state, x).as_text())
 
     narrow = sum(4 * s.expanded * ((s.in_channels if s.expanded != s.in_channels else 0) + s.out_channels)
                  <= blocks.FUSED_BLOCK_MAX_WEIGHT_BYTES for s in MOBILENET_V3_LARGE_BLOCKS)

@@ -336,30 +336,32 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
   }
 }
 
-// The forward pass's lines, whose taps are whole kernel rows: row r's taps j = 0..K-1 (taps[r*K + j]) read one input
-// line at columns S*m + j - P with weights C floats apart. Block by block of Q outputs, each input vector of a row is
-// loaded once and used for every tap and output that reads it (up to K multiply-adds): S*(Q-1) + K loads per row and
-// channel vector instead of SumPixels' Q*K, which left the forward pass bound by loads (Zen 4, one thread, V2 224 px
-// shapes: 1.4-2.6x faster at stride 1, 1.1x at stride 2). An output's sum is the same chain of multiply-adds in the
-// same order (rows, then j ascending; taps outside the line skipped), so outputs are bit-identical to SumLine's.
-template <typename V, int Q, int K, int S, bool kChecked>
+// Lines whose taps are whole kernel rows: row r's taps j = 0..K-1 (taps[r*K + j]) read one input line, weights C
+// floats apart, output m at columns S*m + j - P (the forward pass) or, kMirror (the stride-1 input gradient), at
+// m + P - j. Block by block of Q outputs, each input vector of a row is loaded once and used for every tap and output
+// that reads it (up to K multiply-adds): S*(Q-1) + K loads per row and channel vector instead of SumPixels' Q*K,
+// which left these passes bound by loads (Zen 4, one thread, V2 224 px shapes: forward 1.4-2.6x faster at stride 1,
+// 1.1x at stride 2). An output's sum is the same chain of multiply-adds in the same order (rows, then j ascending;
+// taps outside the line skipped), so outputs are bit-identical to SumLine's.
+template <typename V, int Q, int K, int S, bool kMirror, bool kChecked>
 inline void SumRowBlock(const Tap* taps, int64_t rows, int64_t in_w, int64_t C, int64_t col0, int64_t ch, float* out,
                         int64_t out_stride) {
   constexpr int kCols = S * (Q - 1) + K;  // input columns col0 .. col0 + kCols - 1
   V acc[Q] = {};
   for (int64_t r = 0; r < rows; ++r) {
     const Tap& first = taps[r * K];
-    V wv[K];
+    V wv[K];  // wv[e]: the tap that reads column S*u + e of output u's block, e = j (kMirror: K-1-j)
 #pragma GCC unroll 8
-    for (int j = 0; j < K; ++j) wv[j] = Load<V>(first.w + j * C + ch);
+    for (int e = 0; e < K; ++e) wv[e] = Load<V>(first.w + (kMirror ? K - 1 - e : e) * C + ch);
     const float* in = first.in + col0 * C + ch;
 #pragma GCC unroll 32
-    for (int t = 0; t < kCols; ++t) {
+    for (int s = 0; s < kCols; ++s) {
+      const int t = kMirror ? kCols - 1 - s : s;  // so that each sum takes its taps with j ascending
       if (kChecked && (col0 + t < 0 || col0 + t >= in_w)) continue;
       const V x = Load<V>(in + t * C);
 #pragma GCC unroll 8
-      for (int j = 0; j < K; ++j) {  // output u = (t - j) / S reads column t through tap j
-        if (t >= j && (t - j) % S == 0 && (t - j) / S < Q) acc[(t - j) / S] = Fma(x, wv[j], acc[(t - j) / S]);
+      for (int e = 0; e < K; ++e) {  // output u = (t - e) / S reads column t
+        if (t >= e && (t - e) % S == 0 && (t - e) / S < Q) acc[(t - e) / S] = Fma(x, wv[e], acc[(t - e) / S]);
       }
     }
   }
@@ -367,50 +369,61 @@ inline void SumRowBlock(const Tap* taps, int64_t rows, int64_t in_w, int64_t C, 
   for (int u = 0; u < Q; ++u) Store<V>(out + u * out_stride + ch, acc[u]);
 }
 
-template <int Q, int K, int S, bool kChecked>
+template <int Q, int K, int S, bool kMirror, bool kChecked>
 void SumRowBlockChannels(const Tap* taps, int64_t rows, int64_t in_w, int64_t C, int64_t col0, int64_t c0,
                          int64_t c1, float* out, int64_t out_stride) {
   ForChannelVectors(c0, c1, [&](auto lanes, int64_t ch) {
-    SumRowBlock<decltype(lanes), Q, K, S, kChecked>(taps, rows, in_w, C, col0, ch, out, out_stride);
+    SumRowBlock<decltype(lanes), Q, K, S, kMirror, kChecked>(taps, rows, in_w, C, col0, ch, out, out_stride);
   });
 }
 
-template <int K, int S>
+template <int K, int S, bool kMirror>
 void SumRowsLine(const Tap* taps, int64_t rows, int64_t P, int64_t in_w, int64_t C, int64_t count, float* out,
                  int64_t out_stride) {
+  static_assert(!kMirror || S == 1);
   constexpr int kQ = 8;
   for (int64_t c0 = 0; c0 < C; c0 += kLineChannels) {  // SumLine's channel chunks, for the same reason
     const int64_t c1 = std::min(C, c0 + kLineChannels);
     for (int64_t m = 0; m < count; m += kQ) {
-      const int64_t q = std::min<int64_t>(kQ, count - m), col0 = S * m - P;
+      const int64_t q = std::min<int64_t>(kQ, count - m), col0 = kMirror ? m + P - (K - 1) : S * m - P;
       float* o = out + m * out_stride;
       if (q == kQ && col0 >= 0 && col0 + S * (kQ - 1) + K <= in_w) {
-        SumRowBlockChannels<kQ, K, S, false>(taps, rows, in_w, C, col0, c0, c1, o, out_stride);
+        SumRowBlockChannels<kQ, K, S, kMirror, false>(taps, rows, in_w, C, col0, c0, c1, o, out_stride);
         continue;
       }
       switch (q) {  // a block at an edge of the line, or the line's last few outputs
-        case 8: SumRowBlockChannels<8, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
-        case 7: SumRowBlockChannels<7, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
-        case 6: SumRowBlockChannels<6, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
-        case 5: SumRowBlockChannels<5, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
-        case 4: SumRowBlockChannels<4, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
-        case 3: SumRowBlockChannels<3, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
-        case 2: SumRowBlockChannels<2, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
-        default: SumRowBlockChannels<1, K, S, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        case 8: SumRowBlockChannels<8, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        case 7: SumRowBlockChannels<7, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        case 6: SumRowBlockChannels<6, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        case 5: SumRowBlockChannels<5, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        case 4: SumRowBlockChannels<4, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        case 3: SumRowBlockChannels<3, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        case 2: SumRowBlockChannels<2, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
+        default: SumRowBlockChannels<1, K, S, kMirror, true>(taps, rows, in_w, C, col0, c0, c1, o, out_stride); break;
       }
     }
   }
 }
 
-// SumRowsLine for the network's kernels (3x3 and 5x5, stride 1 or 2); other shapes go to SumLine.
+// The forward pass's line (output row): SumRowsLine for the network's kernels (3x3 and 5x5, stride 1 or 2), other
+// shapes SumLine.
 void SumForwardLine(const Tap* taps, int64_t n, int64_t K, int64_t S, int64_t P, int64_t in_w, int64_t C,
                     int64_t count, float* out) {
   const int64_t rows = n / K;
-  if (K == 3 && S == 1) SumRowsLine<3, 1>(taps, rows, P, in_w, C, count, out, C);
-  else if (K == 3 && S == 2) SumRowsLine<3, 2>(taps, rows, P, in_w, C, count, out, C);
-  else if (K == 5 && S == 1) SumRowsLine<5, 1>(taps, rows, P, in_w, C, count, out, C);
-  else if (K == 5 && S == 2) SumRowsLine<5, 2>(taps, rows, P, in_w, C, count, out, C);
+  if (K == 3 && S == 1) SumRowsLine<3, 1, false>(taps, rows, P, in_w, C, count, out, C);
+  else if (K == 3 && S == 2) SumRowsLine<3, 2, false>(taps, rows, P, in_w, C, count, out, C);
+  else if (K == 5 && S == 1) SumRowsLine<5, 1, false>(taps, rows, P, in_w, C, count, out, C);
+  else if (K == 5 && S == 2) SumRowsLine<5, 2, false>(taps, rows, P, in_w, C, count, out, C);
   else SumLine(taps, n, S, in_w, C, count, out, C);
+}
+
+// The input gradient's line (input row) at stride 1: taps j = 0..K-1 of each kernel row at columns m + P - j.
+void SumInputGradLine(const Tap* taps, int64_t n, int64_t K, int64_t P, int64_t in_w, int64_t C, int64_t count,
+                      float* out) {
+  const int64_t rows = n / K;
+  if (K == 3) SumRowsLine<3, 1, true>(taps, rows, P, in_w, C, count, out, C);
+  else if (K == 5) SumRowsLine<5, 1, true>(taps, rows, P, in_w, C, count, out, C);
+  else SumLine(taps, n, 1, in_w, C, count, out, C);
 }
 
 // The eval-mode epilogue (BatchNorm folded into scale and shift, then the activation): act(v * scale[c] + shift[c])
@@ -879,7 +892,9 @@ ffi::Error DepthwiseInputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ff
             taps[n++] = {grow, wd + (i * g.k + j) * C, (phi + g.p - j) / g.s};
           }
         }
-        SumLine(taps.data(), n, 1, g.wo, C, (g.w - phi + g.s - 1) / g.s, xd + (row * g.w + phi) * C, g.s * C);
+        float* out = xd + (row * g.w + phi) * C;
+        if (g.s == 1) SumInputGradLine(taps.data(), n, g.k, g.p, g.wo, C, g.w, out);
+        else SumLine(taps.data(), n, 1, g.wo, C, (g.w - phi + g.s - 1) / g.s, out, g.s * C);
       }
     }
   });

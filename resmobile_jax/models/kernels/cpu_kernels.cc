@@ -3,7 +3,7 @@
 // - depthwise k x k: forward, input gradient and kernel gradient. XLA:CPU runs the kernel gradient of a depthwise
 //   convolution (k*k reductions over N*H*W) 10-30x slower than the forward pass in every formulation tried
 //   (bench.depthwise_grad). Here all three passes walk lines of pixels with channels innermost, summing in vector
-//   registers (SumLine, AddRowTap below).
+//   registers (SumLine / SumRowsLine, AddRowTap below).
 // - dense convolution with few input channels (the stems: 3 -> 16 3x3, 3 -> 64 7x7): forward and kernel gradient,
 //   output channels innermost so every tap is one broadcast multiply-add into a register-resident output vector.
 //   XLA:CPU runs these 2-8x slower than PyTorch (oneDNN).
@@ -165,11 +165,12 @@ inline bool ForPanelVectors(int64_t width, Body&& body) {
   return true;
 }
 
-// The three depthwise passes share one inner routine: along one line of outputs (an output row in the forward pass,
-// one column class of an input row in the input gradient), out[m] = sum over taps t of in_t[a*m + col_t] * w_t,
-// channels innermost. Outputs whose taps all fall inside the line take Q = 8 (then 4) pixels at a time with the Q
-// sums in vector registers (each weight vector loaded once per Q pixels, each sum stored once); the few edge pixels
-// check bounds.
+// The forward and input-gradient passes share one inner routine: along one line of outputs (an output row in the
+// forward pass, one column class of an input row in the input gradient), out[m] = sum over taps t of
+// in_t[a*m + col_t] * w_t, channels innermost. Outputs whose taps all fall inside the line take Q = 8 (then 4)
+// pixels at a time with the Q sums in vector registers (each weight vector loaded once per Q pixels, each sum stored
+// once); the few edge pixels check bounds. (For the network's 3x3 and 5x5 kernels, SumRowsLine below does the same
+// sums loading each input vector once per kernel row instead of once per tap.)
 // (A running sum in memory, or one pixel at a time, left the 16-channel 112x112 layers 4-5x slower than oneDNN.)
 struct Tap {
   const float* in;  // the tap's input line (the pixel at column 0, channel 0)

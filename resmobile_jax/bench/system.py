@@ -130,15 +130,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def measured_peak_gflops(seconds: float = 0.3) -> tuple[float | None, str]:
+def measured_peak_gflops(seconds: float = 0.3, cores: int | None = None) -> tuple[float | None, str]:
     """fp32 FMA throughput of the cores this process may use, measured with all of them busy at once (fma_peak.c:
-    12 independent FMA chains per core). The clock a VM shows in /proc/cpuinfo can be the base clock: this 2-core
-    EPYC reports 2.45 GHz, i.e. 157 GFLOP/s nominal, and sustains ~200 under load. None (and why) without a C
-    compiler or where the loop fails."""
+    12 independent FMA chains per core), or of `cores` of them. The clock a VM shows in /proc/cpuinfo can be the
+    base clock: this 2-core EPYC reports 2.45 GHz, i.e. 157 GFLOP/s nominal, and sustains ~200 under load. None (and
+    why) without a C compiler or where the loop fails."""
     compiler = next((c for c in (os.environ.get("CC"), "cc", "gcc", "clang") if c and shutil.which(c)), None)
     if compiler is None:
         return None, "not measured (no C compiler; set CC)"
-    cores = usable_cores()
+    cores = usable_cores() if cores is None else cores
     with tempfile.TemporaryDirectory() as tmp:
         binary = Path(tmp) / "fma_peak"
         build = subprocess.run([compiler, "-O2", "-march=native", "-ffp-contract=fast", str(FMA_LOOP), "-o",
@@ -151,5 +151,5 @@ def measured_peak_gflops(seconds: float = 0.3) -> tuple[float | None, str]:
     if any(run.returncode != 0 for run in runs):
         return None, "not measured (the FMA loop failed)"
     total = sum(float(out.split()[0]) for out in outputs)
-    return total, f"FMA loop on {cores} cores at once, {total / cores:.0f} GFLOP/s each"
+    return total, f"FMA loop on {cores} core{'s' if cores != 1 else ''} at once, {total / cores:.0f} GFLOP/s each"
 

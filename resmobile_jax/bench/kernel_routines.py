@@ -1,0 +1,136 @@
+"""Times cpu_kernels.cc's inner routines on one thread, their data in cache, on V2's 224 px shapes: the fused blocks'
+1x1 calls, the depthwise lines, the stem's conv rows. Each as GFLOP/s and as a share of one core's measured FMA peak:
+what a whole call or a trace does not show is which routine has room left (benchmarks/SPEED.md, 2026-12-06 fourth
+session). With --kernels (a file, or a git revision as for `bench.ab`) that version runs too, the two binaries
+alternating, and the table adds the time ratio and whether the outputs are bit-identical.
+
+    python -m resmobile_jax.bench.kernel_routines
+    python -m resmobile_jax.bench.kernel_routines --kernels 64834b2 --rounds 5
+
+The driver (kernel_routines.cc) includes the kernel source itself, so it builds with the same compiler and flags as
+the library (cpu_kernels.COMPILE_FLAGS) but without JAX. Figures from one thread with the other core idle: a whole
+call runs both cores, at ~1.8x (README, "Where the targets stand").
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from absl import app, flags
+
+DRIVER = Path(__file__).with_name("kernel_routines.cc")
+
+flags.DEFINE_string("kernels", "", "also time this cpu_kernels.cc (a file, or a git revision of this repository)")
+flags.DEFINE_integer("rounds", 3, "runs of each binary (alternating); each case keeps its best")
+flags.DEFINE_integer("reps", 20, "calls per timed round inside the driver (7 rounds, best kept)")
+flags.DEFINE_string("out", "", "also write the Markdown table here")
+FLAGS = flags.FLAGS
+
+
+def build(source: Path, binary: Path) -> Path:
+    """The driver compiled against `source` (a cpu_kernels.cc), like the library but as a program."""
+    import jax
+
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (install g++ or set CXX)")
+    cflags = [f for f in cpu_kernels.COMPILE_FLAGS if f not in ("-shared", "-fPIC")]
+    defines = [f'-DKERNEL_SOURCE="{source.resolve()}"']
+    if "SumForwardLine(" in source.read_text():
+        defines.append("-DHAVE_ROW_LINES")
+    cmd = [compiler, *cflags, "-I", jax.ffi.include_dir(), *defines, str(DRIVER), "-o", str(binary)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"building the kernel-routine driver against {source} failed:\n{done.stderr[-3000:]}")
+    return binary
+
+
+def run(binary: Path, reps: int) -> dict[str, dict]:
+    """{case: {"flop", "ns", "hash", "matches_sumline"}} from one run of the driver."""
+    done = subprocess.run([str(binary), str(reps)], capture_output=True, text=True, check=True)
+    cases = {}
+    for line in done.stdout.splitlines():
+        name, flop, ns, digest, matches = line.split("\t")
+        cases[name] = {"flop": float(flop), "ns": float(ns), "hash": digest, "matches_sumline": matches}
+    return cases
+
+
+def best_of(runs: list[dict[str, dict]]) -> dict[str, dict]:
+    """Each case's fastest run (outputs must agree between runs: the inputs are fixed)."""
+    out = {}
+    for cases in runs:
+        for name, case in cases.items():
+            if name in out and out[name]["hash"] != case["hash"]:
+                raise RuntimeError(f"case {name!r}: two runs of one binary gave different outputs")
+            if name not in out or case["ns"] < out[name]["ns"]:
+                out[name] = case
+    return out
+
+
+def table(this: dict[str, dict], core_peak: float | None, other: dict[str, dict] | None = None,
+          other_name: str = "") -> str:
+    header = "| routine, shape | us | GFLOP/s | of one core's peak | equals SumLine |"
+    rule = "|---|---:|---:|---:|---|"
+    if other is not None:
+        header += f" {other_name} us | time vs {other_name} | outputs |"
+        rule += "---:|---:|---|"
+    lines = [header, rule]
+    for name, case in this.items():
+        gflops = case["flop"] / case["ns"]
+        share = f"{100 * gflops / core_peak:.0f}%" if core_peak else "—"
+        row = f"| {name} | {case['ns'] / 1e3:.1f} | {gflops:.1f} | {share} | {case['matches_sumline']} |"
+        if other is not None:
+            theirs = other.get(name)
+            if theirs is None:
+                row += " — | — | — |"
+            else:
+                same = "identical" if theirs["hash"] == case["hash"] else "differ"
+                row += f" {theirs['ns'] / 1e3:.1f} | {case['ns'] / theirs['ns']:.3f}x | {same} |"
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def main(argv):
+    del argv
+    from resmobile_jax.bench.ab import kernel_source
+    from resmobile_jax.bench.system import measured_peak_gflops
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        binaries = {"this checkout": build(cpu_kernels.SOURCE, tmp / "this")}
+        if FLAGS.kernels:
+            other_dir = tmp / "other"
+            other_dir.mkdir()
+            binaries[FLAGS.kernels] = build(kernel_source(FLAGS.kernels, other_dir), tmp / "other_binary")
+        runs = {name: [] for name in binaries}
+        peaks = []  # one core's FMA peak before each round; the highest is the one with the machine quietest
+        for r in range(FLAGS.rounds):
+            peaks.append(measured_peak_gflops(cores=1))
+            order = list(binaries) if r % 2 == 0 else list(reversed(binaries))
+            for name in order:
+                runs[name].append(run(binaries[name], FLAGS.reps))
+    core_peak, how = max(peaks, key=lambda p: p[0] or 0.0)
+    best = {name: best_of(r) for name, r in runs.items()}
+    other = best.get(FLAGS.kernels) if FLAGS.kernels else None
+    peak_text = f"{core_peak:.0f} GFLOP/s ({how})" if core_peak else how
+    text = "\n".join([
+        f"cpu_kernels.cc's routines, one thread, data in cache; one core's measured FMA peak (the best of "
+        f"{FLAGS.rounds}): {peak_text}; best of "
+        f"{FLAGS.rounds} runs x 7 rounds of {FLAGS.reps} calls",
+        "",
+        table(best["this checkout"], core_peak, other, FLAGS.kernels),
+    ])
+    print(text)
+    if FLAGS.out:
+        Path(FLAGS.out).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)

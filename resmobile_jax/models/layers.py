@@ -142,11 +142,16 @@ def max_pool_3x3_s2(x: Array, impl: str = "auto") -> Array:
 
     The forward pass is XLA's reduce_window, or on CPU ("auto" where the C++ kernels apply, or "cpu_kernel") the C++
     kernel: 2.5x faster on V2's stem output. The gradient is hand-written: XLA:CPU's select-and-scatter (the
-    automatic one) is 4-8x slower than the whole forward pass. Like PyTorch's kernel, each output's gradient goes to
+    automatic one) is 4-8x slower than the whole forward pass; the XLA form below is the fallback, the C++ kernel
+    `cpu_kernels.max_pool_backward` (one pass) the CPU path. Like PyTorch's kernel, each output's gradient goes to
     the first maximum of its window in row-major order, so ties route exactly as in torchvision."""
-    if impl == "cpu_kernel" or (impl == "auto" and cpu_kernels_apply(x.dtype)):
+    if _max_pool_kernel(impl, x):
         return cpu_kernels.max_pool_forward(x)
     return _max_pool_window(x)
+
+
+def _max_pool_kernel(impl: str, x: Array) -> bool:
+    return impl == "cpu_kernel" or (impl == "auto" and cpu_kernels_apply(x.dtype))
 
 
 def _max_pool_fwd(x, impl):
@@ -156,9 +161,13 @@ def _max_pool_fwd(x, impl):
 
 def _max_pool_bwd(impl, residuals, g):
     x, y = residuals
+    if _max_pool_kernel(impl, x):
+        return (cpu_kernels.max_pool_backward(x, y, g),)
     n, h, w, c = x.shape
     ho, wo = y.shape[1:3]
-    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+    # NaN padding never equals the max: a window of -inf values routes its gradient to its first tap inside x, as
+    # PyTorch's kernel does.
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=jnp.nan)
     taken = jnp.zeros(y.shape, bool)
     zero = jnp.zeros((), g.dtype)
     # Tap (i, j) of output (r, q) sits at padded input (2r + i, 2q + j). Split the padded input grid by row and column

@@ -129,6 +129,23 @@ def test_max_pool_gradient_matches_torch_including_ties(hw, impl, rng):
     np.testing.assert_allclose(np.asarray(pullback(jnp.asarray(g))[0]), xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
 
 
+@pytest.mark.parametrize("impl", ["xla", "cpu_kernel"])
+def test_max_pool_gradient_of_minus_infinity_windows_matches_torch(impl, rng):
+    """A window whose values are all -inf (at the border too) sends its gradient to its first tap inside x, as
+    PyTorch's kernel does, never to the padding."""
+    import jax
+
+    x = np.full((2, 9, 10, 19), -np.inf, np.float32)
+    x[:, 5:, 6:] = rng.standard_normal((2, 4, 4, 19)).astype(np.float32)
+    g = rng.standard_normal((2, 5, 5, 19)).astype(np.float32)
+    y, pullback = jax.vjp(lambda x: layers.max_pool_3x3_s2(x, impl), jnp.asarray(x))
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2).requires_grad_(True)
+    torch.nn.functional.max_pool2d(xt, 3, 2, 1).backward(torch.from_numpy(g).permute(0, 3, 1, 2))
+    dx = np.asarray(pullback(jnp.asarray(g))[0])
+    np.testing.assert_allclose(dx, xt.grad.permute(0, 2, 3, 1).numpy(), atol=1e-6)
+    assert np.count_nonzero(dx[:, 0, 0]) == 2 * 19  # the corner window's gradient reached x[0, 0]
+
+
 @pytest.mark.parametrize("kernel,stride,size,out_channels",
                          [(3, 2, 17, 16), (7, 2, 19, 64), (3, 1, 9, 5), (5, 2, 10, 32), (3, 1, 11, 8)])
 def test_stem_conv_cpu_kernel_and_gradients_match_torch(kernel, stride, size, out_channels, rng):

@@ -1224,6 +1224,56 @@ ffi::Error MaxPoolForward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Re
   return ffi::Error::Success();
 }
 
+// Its gradient (training): dx[b, r, q, :] = the sum of g over the windows whose first maximum, in row-major window
+// order, is (r, q): the tie rule of PyTorch's kernel and of layers.max_pool_3x3_s2's XLA form. That form (a padded
+// copy of x, then nine compare-and-select passes over parity grids) took ~29 ms of V2's 224 px batch-32 train step
+// (trace), for what is one read of x, y and g and one write of dx. Here each task is one image, scattering into its
+// dx pooled row by pooled row, each dx row zeroed just before the first window that reaches it, so the rows being
+// summed stay in cache. (Tasks of one image's 16-channel block each read every pixel's cache line of their channels,
+// 256 bytes apart: 37 ms, slower than XLA's form.) Padding taps are skipped: a window of -inf values sends its
+// gradient to its first tap inside x, as PyTorch's does.
+ffi::Error MaxPoolBackward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> y,
+                           ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dx) {
+  auto d = x.dimensions();
+  if (d.size() != 4) return ffi::Error::InvalidArgument("max_pool backward: input must be NHWC (rank 4)");
+  const int64_t n = d[0], h = d[1], w = d[2], c = d[3];
+  const int64_t hp = PooledSize(h), wp = PooledSize(w);
+  const size_t pooled = static_cast<size_t>(n * hp * wp * c);
+  if (y.element_count() != pooled || g.element_count() != pooled)
+    return ffi::Error::InvalidArgument("max_pool backward: y and g must have the pooled shape");
+  const float* xd = x.typed_data();
+  const float* yd = y.typed_data();
+  const float* gd = g.typed_data();
+  float* out = dx->typed_data();
+  ParallelFor(pool, n, [&](int64_t begin, int64_t end, int64_t) {
+    for (int64_t b = begin; b < end; ++b) {
+      for (int64_t pr = 0; pr < hp; ++pr) {
+        const int64_t fresh = std::min(h, kPoolStride * pr + 2) - kPoolStride * pr;  // rows no earlier window reached
+        if (fresh > 0) std::fill_n(out + (b * h + kPoolStride * pr) * w * c, fresh * w * c, 0.0f);
+        for (int64_t q = 0; q < wp; ++q) {
+          const int64_t at = ((b * hp + pr) * wp + q) * c;
+          ForChannelVectors(0, c, [&](auto lanes, int64_t ch) {
+            using V = decltype(lanes);
+            using Mask = decltype(V{} == V{});
+            const V yv = Load<V>(yd + at + ch), gv = Load<V>(gd + at + ch), zero{};
+            Mask taken{};
+            for (int64_t i = 0; i < kPool; ++i)
+              for (int64_t j = 0; j < kPool; ++j) {
+                const int64_t r = kPoolStride * pr - kPoolPadding + i, col = kPoolStride * q - kPoolPadding + j;
+                if (r < 0 || r >= h || col < 0 || col >= w) continue;  // padding
+                const int64_t pixel = ((b * h + r) * w + col) * c + ch;
+                const Mask hit = (Load<V>(xd + pixel) == yv) & ~taken;
+                Store<V>(out + pixel, Load<V>(out + pixel) + (hit ? gv : zero));
+                taken = taken | hit;
+              }
+          });
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 // y (n, m) = act(x (n, k) @ w (k, m) + b) for a few rows n, split over column chunks of y so that every thread
 // streams its own part of w: the squeeze-excitation's products are matrix-vector products at batch 1, bound by
 // reading weights that are cold in cache on every call (benchmarks/SPEED.md, 2026-12-06). Each output sums its k
@@ -1809,6 +1859,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnAct, DenseConvForwardBn
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileDenseConvForwardBnActMaxPool, DenseConvForwardBnActMaxPool, ForwardBnAct());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileMaxPoolForward, MaxPoolForward,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::Buffer<ffi::F32>>().Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ResmobileMaxPoolBackward, MaxPoolBackward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // y
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // g
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 // The [expansion] and depthwise layers' arguments, shared by both inverted-residual kernels.
 static auto ExpandDepthwiseArgs() {
   return ffi::Ffi::Bind()

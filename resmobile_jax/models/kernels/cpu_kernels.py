@@ -1,7 +1,7 @@
 """Hand-written XLA:CPU convolution kernels (custom calls), built on first use: the depthwise convolution (forward,
 input and kernel gradients) and the stems' few-input-channel dense convolution (forward and kernel gradient); both
 forward passes also with eval-mode BatchNorm and the activation applied in the same pass (`conv_bn_act_forward`,
-for the V2 stem with ResNet's max pool too); the max pool alone (`max_pool_forward`); and eval-mode inverted
+for the V2 stem with ResNet's max pool too); the max pool alone (`max_pool_forward`, `max_pool_backward`); and eval-mode inverted
 residuals fused whole (`inverted_residual_forward`; with squeeze-excitation `expand_depthwise_forward` and
 `se_project_forward` around the SE's matmuls) and eval-mode ResNet bottlenecks (`bottleneck_forward`).
 
@@ -47,6 +47,7 @@ TARGETS = {  # FFI target name -> exported symbol in the built library
     "resmobile_inverted_residual_forward": "ResmobileInvertedResidualForward",
     "resmobile_dense_conv_forward_bn_act_max_pool": "ResmobileDenseConvForwardBnActMaxPool",
     "resmobile_max_pool_forward": "ResmobileMaxPoolForward",
+    "resmobile_max_pool_backward": "ResmobileMaxPoolBackward",
     "resmobile_expand_depthwise_forward": "ResmobileExpandDepthwiseForward",
     "resmobile_se_project_forward": "ResmobileSeProjectForward",
     "resmobile_se_scale_forward": "ResmobileSeScaleForward",
@@ -268,10 +269,15 @@ _dense_conv.defvjp(_dense_fwd, _dense_bwd)
 
 
 def max_pool_forward(x):
-    """ResNet's MaxPool2d(3, stride=2, padding=1), x (N, H, W, C) float32. Forward only; its gradient is
-    layers.max_pool_3x3_s2's."""
+    """ResNet's MaxPool2d(3, stride=2, padding=1), x (N, H, W, C) float32. Its gradient: `max_pool_backward`."""
     require()
     return _call("resmobile_max_pool_forward", (x.shape[0], *_output_hw(x.shape, 3, 2, 1), x.shape[-1]), x)
+
+
+def max_pool_backward(x, y, g):
+    """dx of max_pool_forward: each output's g to its window's first maximum (row-major), as PyTorch routes it."""
+    require()
+    return _call("resmobile_max_pool_backward", x.shape, x, y, g)
 
 
 def conv_bn_act_forward(x, w, scale, shift, activation: str, stride: int, padding: int, *, depthwise: bool,

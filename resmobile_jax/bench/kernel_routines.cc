@@ -112,33 +112,51 @@ void StemCase(const char* name, int64_t rows, int reps) {
 
 }  // namespace
 
+// The fused blocks' 1x1 calls at V2 224 px: ~64 pixels of rows per call (RowsPerCall), a whole 14x14 / 7x7 image
+// for the SE projections (SeProjectForward).
+struct PointwiseShape {
+  const char* name;
+  int64_t pixels, cin, cout, activation;
+};
+constexpr PointwiseShape kPointwise[] = {
+    {"1x1 56x56 24->72 relu (4 rows)", 224, 24, 72, kRelu},
+    {"1x1 28x28 40->120 relu (3 rows)", 84, 40, 120, kRelu},
+    {"1x1 28x28 120->40 (3 rows)", 84, 120, 40, kIdentity},
+    {"1x1 14x14 80->200 hswish (5 rows)", 70, 80, 200, kHardswish},
+    {"1x1 14x14 200->80 (5 rows)", 70, 200, 80, kIdentity},
+    {"1x1 14x14 112->672 hswish (5 rows)", 70, 112, 672, kHardswish},
+    {"1x1 14x14 672->112 (image)", 196, 672, 112, kIdentity},
+    {"1x1 7x7 160->960 hswish (image)", 49, 160, 960, kHardswish},
+    {"1x1 7x7 960->160 (image)", 49, 960, 160, kIdentity},
+    {"1x1 7x7 160->40 relu (bottleneck)", 49, 160, 40, kRelu},
+};
+
+// Depthwise output rows of the blocks (stride 1 and 2), and the stride-1 input gradient's lines.
+struct DepthwiseShape {
+  const char* name;
+  int64_t rows, width, channels, k, stride;
+  bool input_grad;
+};
+constexpr DepthwiseShape kDepthwise[] = {
+    {"depthwise 56x56x72 k3", 4, 56, 72, 3, 1, false},
+    {"depthwise 56->28 x72 k5 s2", 2, 56, 72, 5, 2, false},
+    {"depthwise 28x28x120 k5", 3, 28, 120, 5, 1, false},
+    {"depthwise 14x14x200 k3", 5, 14, 200, 3, 1, false},
+    {"depthwise 14x14x672 k3", 5, 14, 672, 3, 1, false},
+    {"depthwise 14->7 x672 k5 s2", 7, 14, 672, 5, 2, false},
+    {"depthwise 7x7x960 k5", 7, 7, 960, 5, 1, false},
+    {"depthwise 112->56 x64 k3 s2 (V1)", 4, 112, 64, 3, 2, false},
+    {"depthwise 9 px x20 k3 (edges, tails)", 4, 9, 20, 3, 1, false},
+    {"depthwise input grad 56x56x72 k3", 4, 56, 72, 3, 1, true},
+    {"depthwise input grad 28x28x120 k5", 3, 28, 120, 5, 1, true},
+    {"depthwise input grad 7x7x960 k5", 7, 7, 960, 5, 1, true},
+};
+
 int main(int argc, char** argv) {
   const int reps = argc > 1 ? std::max(1, std::atoi(argv[1])) : 20;
-  // The fused blocks' 1x1 calls at V2 224 px: ~64 pixels of rows per call (RowsPerCall), a whole 14x14 / 7x7 image
-  // for the SE projections (SeProjectForward).
-  PointwiseCase("1x1 56x56 24->72 relu (4 rows)", 224, 24, 72, kRelu, reps);
-  PointwiseCase("1x1 28x28 40->120 relu (3 rows)", 84, 40, 120, kRelu, reps);
-  PointwiseCase("1x1 28x28 120->40 (3 rows)", 84, 120, 40, kIdentity, reps);
-  PointwiseCase("1x1 14x14 80->200 hswish (5 rows)", 70, 80, 200, kHardswish, reps);
-  PointwiseCase("1x1 14x14 200->80 (5 rows)", 70, 200, 80, kIdentity, reps);
-  PointwiseCase("1x1 14x14 112->672 hswish (5 rows)", 70, 112, 672, kHardswish, reps);
-  PointwiseCase("1x1 14x14 672->112 (image)", 196, 672, 112, kIdentity, reps);
-  PointwiseCase("1x1 7x7 160->960 hswish (image)", 49, 160, 960, kHardswish, reps);
-  PointwiseCase("1x1 7x7 960->160 (image)", 49, 960, 160, kIdentity, reps);
-  PointwiseCase("1x1 7x7 160->40 relu (bottleneck)", 49, 160, 40, kRelu, reps);
-  // Depthwise output rows of the blocks (stride 1 and 2), and the stride-1 input gradient's lines.
-  DepthwiseCase("depthwise 56x56x72 k3", 4, 56, 72, 3, 1, false, reps);
-  DepthwiseCase("depthwise 56->28 x72 k5 s2", 2, 56, 72, 5, 2, false, reps);
-  DepthwiseCase("depthwise 28x28x120 k5", 3, 28, 120, 5, 1, false, reps);
-  DepthwiseCase("depthwise 14x14x200 k3", 5, 14, 200, 3, 1, false, reps);
-  DepthwiseCase("depthwise 14x14x672 k3", 5, 14, 672, 3, 1, false, reps);
-  DepthwiseCase("depthwise 14->7 x672 k5 s2", 7, 14, 672, 5, 2, false, reps);
-  DepthwiseCase("depthwise 7x7x960 k5", 7, 7, 960, 5, 1, false, reps);
-  DepthwiseCase("depthwise 112->56 x64 k3 s2 (V1)", 4, 112, 64, 3, 2, false, reps);
-  DepthwiseCase("depthwise 9 px x20 k3 (edges, tails)", 4, 9, 20, 3, 1, false, reps);
-  DepthwiseCase("depthwise input grad 56x56x72 k3", 4, 56, 72, 3, 1, true, reps);
-  DepthwiseCase("depthwise input grad 28x28x120 k5", 3, 28, 120, 5, 1, true, reps);
-  DepthwiseCase("depthwise input grad 7x7x960 k5", 7, 7, 960, 5, 1, true, reps);
+  for (const auto& c : kPointwise) PointwiseCase(c.name, c.pixels, c.cin, c.cout, c.activation, reps);
+  for (const auto& c : kDepthwise)
+    DepthwiseCase(c.name, c.rows, c.width, c.channels, c.k, c.stride, c.input_grad, reps);
   StemCase("stem 7x7 s2 3->64 (8 rows)", 8, std::max(1, reps / 4));
   return 0;
 }

@@ -24,10 +24,6 @@ from absl import app, flags
 
 DRIVER = Path(__file__).with_name("kernel_routines.cc")
 
-flags.DEFINE_string("kernels", "", "also time this cpu_kernels.cc (a file, or a git revision of this repository)")
-flags.DEFINE_integer("rounds", 3, "runs of each binary (alternating); each case keeps its best")
-flags.DEFINE_integer("reps", 20, "calls per timed round inside the driver (7 rounds, best kept)")
-flags.DEFINE_string("out", "", "also write the Markdown table here")
 FLAGS = flags.FLAGS
 
 
@@ -132,5 +128,14 @@ def main(argv):
         Path(FLAGS.out).write_text(text + "\n")
 
 
+def define_flags() -> None:
+    """Only when run as a command: the tests import this module beside bench's own flags (same names)."""
+    flags.DEFINE_string("kernels", "", "also time this cpu_kernels.cc (a file, or a git revision of this repository)")
+    flags.DEFINE_integer("rounds", 3, "runs of each binary (alternating); each case keeps its best")
+    flags.DEFINE_integer("reps", 20, "calls per timed round inside the driver (7 rounds, best kept)")
+    flags.DEFINE_string("out", "", "also write the Markdown table here")
+
+
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

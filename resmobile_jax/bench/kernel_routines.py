@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def table(this: dict[str, dict], core_peak: float | None, other: dict[str, dict]
 def main(argv):
     del argv
     from resmobile_jax.bench.ab import kernel_source
-    from resmobile_jax.bench.system import measured_peak_gflops
+    from resmobile_jax.bench.system import _cpuinfo, measured_peak_gflops
+    from resmobile_jax.timing import cpu_model
     from resmobile_jax.models.kernels import cpu_kernels
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -116,10 +118,18 @@ def main(argv):
     best = {name: best_of(r) for name, r in runs.items()}
     other = best.get(FLAGS.kernels) if FLAGS.kernels else None
     peak_text = f"{core_peak:.0f} GFLOP/s ({how})" if core_peak else how
+    compiler = os.environ.get("CXX", "g++")
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     text = "\n".join([
-        f"cpu_kernels.cc's routines, one thread, data in cache; one core's measured FMA peak (the best of "
-        f"{FLAGS.rounds}): {peak_text}; best of "
-        f"{FLAGS.rounds} runs x 7 rounds of {FLAGS.reps} calls",
+        "# cpu_kernels.cc's inner routines on one thread",
+        "",
+        f"- command: `python -m resmobile_jax.bench.kernel_routines {' '.join(sys.argv[1:])}`",
+        f"- machine: {cpu_model(_cpuinfo() or '')}; {' '.join(version) or compiler}, the library's flags "
+        f"({' '.join(f for f in cpu_kernels.COMPILE_FLAGS if f not in ('-shared', '-fPIC'))})",
+        f"- one core's measured FMA peak (the best of {FLAGS.rounds}): {peak_text}",
+        f"- each case: the best of {FLAGS.rounds} runs x 7 rounds of {FLAGS.reps} calls, data in cache"
+        + (f"; {FLAGS.kernels}'s binary alternating with this checkout's ('outputs': this checkout's output bytes "
+           f"against its)" if FLAGS.kernels else ""),
         "",
         table(best["this checkout"], core_peak, other, FLAGS.kernels),
     ])

@@ -10,7 +10,8 @@
 // - both forward passes also come with an eval-mode epilogue, y = act(y * scale + shift) (BatchNorm with running
 //   statistics folded into scale and shift, then ReLU / Hardswish), applied to each output row while it is in cache:
 //   XLA cannot fuse anything into a custom call, so otherwise that is one more pass over the output in memory. The
-//   stem's dense convolution can also run ResNet's max pool on its rows (V2).
+//   stem's dense convolution can also run ResNet's max pool on its rows (V2); the max pool and its gradient also
+//   run alone (training).
 // - eval-mode MobileNetV3 inverted residuals: the 1x1 expansion, depthwise and 1x1 projection layers with their
 //   BatchNorms, activations and the residual in one pass over rows (two around the squeeze-excitation's matmuls),
 //   with an own register-blocked 1x1 kernel (Pointwise1x1): unfused, the expanded and depthwise maps, the largest

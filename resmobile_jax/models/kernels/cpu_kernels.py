@@ -1,9 +1,10 @@
 """Hand-written XLA:CPU convolution kernels (custom calls), built on first use: the depthwise convolution (forward,
 input and kernel gradients) and the stems' few-input-channel dense convolution (forward and kernel gradient); both
 forward passes also with eval-mode BatchNorm and the activation applied in the same pass (`conv_bn_act_forward`,
-for the V2 stem with ResNet's max pool too); the max pool alone (`max_pool_forward`, `max_pool_backward`); and eval-mode inverted
-residuals fused whole (`inverted_residual_forward`; with squeeze-excitation `expand_depthwise_forward` and
-`se_project_forward` around the SE's matmuls) and eval-mode ResNet bottlenecks (`bottleneck_forward`).
+for the V2 stem with ResNet's max pool too); the max pool alone and its gradient (`max_pool_forward`,
+`max_pool_backward`); and eval-mode inverted residuals fused whole (`inverted_residual_forward`; with
+squeeze-excitation `expand_depthwise_forward` and `se_project_forward` around the SE's matmuls) and eval-mode ResNet
+bottlenecks (`bottleneck_forward`).
 
 XLA:CPU spends 10-30x the forward pass on a depthwise convolution's kernel gradient whatever form it is written in
 (`python -m resmobile_jax.bench.depthwise_grad`), which made JAX training ~3.5x slower than PyTorch at 224 px, and

@@ -32,6 +32,7 @@
 #include <cstring>
 #include <memory>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -916,6 +917,57 @@ inline void AddRowTap(const float* xrow, const float* grow, int64_t C, int64_t s
   Store<V>(total + ch, Load<V>(total + ch) + acc);
 }
 
+// All K taps of one kernel row over one output row at once (K, S compile-time: the network's 3x3 and 5x5, stride 1
+// or 2): dy[q] is loaded once for the K taps, and the input columns q*S + j - P live in a window of K registers
+// that moves S columns per output, so 1 + S loads feed K multiply-adds where AddRowTap loads two per one. Each tap's
+// sums are AddRowTap's exactly: the same chain over its outputs, added into `total` at the same points (every 8
+// outputs from its first in-bounds one), so the gradient is bit-identical.
+template <typename V, int K, int S>
+inline void AddRowTaps(const float* xrow, const float* grow, int64_t C, int64_t P, int64_t W, int64_t wo, int64_t ch,
+                       float* total) {
+  int64_t lo[K], hi[K], first = wo, last = 0;
+  for (int j = 0; j < K; ++j) {
+    std::tie(lo[j], hi[j]) = InBoundsOutputs(j - P, j - P, S, W, wo);
+    first = std::min(first, lo[j]);
+    last = std::max(last, hi[j]);
+  }
+  auto column = [&](int64_t col) { return col >= 0 && col < W ? Load<V>(xrow + col * C + ch) : V{}; };
+  V window[K], acc[K] = {};
+  for (int j = 0; j < K; ++j) window[j] = column(first * S + j - P);
+  for (int64_t q = first; q < last; ++q) {
+    if (q > first) {  // move the window S columns on
+      for (int j = 0; j + S < K; ++j) window[j] = window[j + S];
+      for (int j = K - S; j < K; ++j) window[j] = column(q * S + j - P);
+    }
+    const V dyv = Load<V>(grow + q * C + ch);
+    for (int j = 0; j < K; ++j) {
+      if (q < lo[j] || q >= hi[j]) continue;
+      acc[j] = Fma(window[j], dyv, acc[j]);
+      if ((q - lo[j]) % 8 == 7 || q == hi[j] - 1) {
+        Store<V>(total + j * C + ch, Load<V>(total + j * C + ch) + acc[j]);
+        acc[j] = V{};
+      }
+    }
+  }
+}
+
+// AddRowTaps over all channels for the network's kernels; false for other shapes (the caller's tap loop).
+bool AddKernelRow(const float* xrow, const float* grow, int64_t C, int64_t K, int64_t S, int64_t P, int64_t W,
+                  int64_t wo, float* total) {
+  auto run = [&](auto k, auto s) {
+    ForChannelVectors(0, C, [&](auto lanes, int64_t ch) {
+      AddRowTaps<decltype(lanes), decltype(k)::value, decltype(s)::value>(xrow, grow, C, P, W, wo, ch, total);
+    });
+  };
+  using std::integral_constant;
+  if (K == 3 && S == 1) run(integral_constant<int, 3>{}, integral_constant<int, 1>{});
+  else if (K == 3 && S == 2) run(integral_constant<int, 3>{}, integral_constant<int, 2>{});
+  else if (K == 5 && S == 1) run(integral_constant<int, 5>{}, integral_constant<int, 1>{});
+  else if (K == 5 && S == 2) run(integral_constant<int, 5>{}, integral_constant<int, 2>{});
+  else return false;
+  return true;
+}
+
 // With a prologue (act(x * scale + shift), the previous layer's BN + activation), the kernel's input rows are
 // computed from x's into a per-thread ring of K rows as the output rows advance (slot hi % K holds row hi).
 ffi::Error DepthwiseKernelGradWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
@@ -948,6 +1000,7 @@ ffi::Error DepthwiseKernelGradWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> 
         const int64_t hi = r * g.s + i - g.p;
         if (hi < 0 || hi >= g.h) continue;
         const float* xrow = input_row(b, hi);
+        if (AddKernelRow(xrow, grow, C, g.k, g.s, g.p, g.w, g.wo, total + i * g.k * C)) continue;
         for (int64_t j = 0; j < g.k; ++j) {
           const int64_t col0 = j - g.p;
           const auto [q_lo, q_hi] = InBoundsOutputs(col0, col0, g.s, g.w, g.wo);  // 0 <= q*S + j - P < W

@@ -28,20 +28,29 @@ DRIVER = Path(__file__).with_name("kernel_routines.cc")
 FLAGS = flags.FLAGS
 
 
+def compiler() -> str:
+    """The C++ compiler the kernel library is built with (cpu_kernels.build: $CXX, default g++)."""
+    return os.environ.get("CXX", "g++")
+
+
+def program_flags() -> list[str]:
+    """The library's compile flags (cpu_kernels.COMPILE_FLAGS) for a program instead of a shared library."""
+    from resmobile_jax.models.kernels import cpu_kernels
+
+    return [f for f in cpu_kernels.COMPILE_FLAGS if f not in ("-shared", "-fPIC")]
+
+
 def build(source: Path, binary: Path) -> Path:
     """The driver compiled against `source` (a cpu_kernels.cc), like the library but as a program."""
     import jax
 
-    from resmobile_jax.models.kernels import cpu_kernels
-
-    compiler = os.environ.get("CXX", "g++")
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C++ compiler {compiler!r} on PATH (install g++ or set CXX)")
-    cflags = [f for f in cpu_kernels.COMPILE_FLAGS if f not in ("-shared", "-fPIC")]
+    if shutil.which(compiler()) is None:
+        raise RuntimeError(f"no C++ compiler {compiler()!r} on PATH (install g++ or set CXX)")
     defines = [f'-DKERNEL_SOURCE="{source.resolve()}"']
-    if "SumForwardLine(" in source.read_text():
+    text = source.read_text()
+    if "SumForwardLine(" in text and "SumInputGradLine(" in text:  # the driver calls both
         defines.append("-DHAVE_ROW_LINES")
-    cmd = [compiler, *cflags, "-I", jax.ffi.include_dir(), *defines, str(DRIVER), "-o", str(binary)]
+    cmd = [compiler(), *program_flags(), "-I", jax.ffi.include_dir(), *defines, str(DRIVER), "-o", str(binary)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"building the kernel-routine driver against {source} failed:\n{done.stderr[-3000:]}")
@@ -118,14 +127,13 @@ def main(argv):
     best = {name: best_of(r) for name, r in runs.items()}
     other = best.get(FLAGS.kernels) if FLAGS.kernels else None
     peak_text = f"{core_peak:.0f} GFLOP/s ({how})" if core_peak else how
-    compiler = os.environ.get("CXX", "g++")
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
+    version = subprocess.run([compiler(), "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     text = "\n".join([
         "# cpu_kernels.cc's inner routines on one thread",
         "",
         f"- command: `python -m resmobile_jax.bench.kernel_routines {' '.join(sys.argv[1:])}`",
-        f"- machine: {cpu_model(_cpuinfo() or '')}; {' '.join(version) or compiler}, the library's flags "
-        f"({' '.join(f for f in cpu_kernels.COMPILE_FLAGS if f not in ('-shared', '-fPIC'))})",
+        f"- machine: {cpu_model(_cpuinfo() or '')}; {' '.join(version) or compiler()}, the library's flags "
+        f"({' '.join(program_flags())})",
         f"- one core's measured FMA peak (the best of {FLAGS.rounds}): {peak_text}",
         f"- each case: the best of {FLAGS.rounds} runs x 7 rounds of {FLAGS.reps} calls, data in cache"
         + (f"; {FLAGS.kernels}'s binary alternating with this checkout's ('outputs': this checkout's output bytes "

@@ -343,8 +343,8 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
 // floats apart, output m at columns S*m + j - P (the forward pass) or, kMirror (the stride-1 input gradient), at
 // m + P - j. Block by block of Q outputs, each input vector of a row is loaded once and used for every tap and output
 // that reads it (up to K multiply-adds): S*(Q-1) + K loads per row and channel vector instead of SumPixels' Q*K,
-// which left these passes bound by loads (Zen 4, one thread, V2 224 px shapes: forward 1.4-2.6x faster at stride 1,
-// 1.1x at stride 2). An output's sum is the same chain of multiply-adds in the same order (rows, then j ascending;
+// which left these passes bound by loads (Zen 4, one thread, V2 224 px shapes: 0.34-0.82x the time,
+// benchmarks/kernel_routines_zen4.md). An output's sum is the same chain of multiply-adds in the same order (rows, then j ascending;
 // taps outside the line skipped), so outputs are bit-identical to SumLine's.
 template <typename V, int Q, int K, int S, bool kMirror, bool kChecked>
 inline void SumRowBlock(const Tap* taps, int64_t rows, int64_t in_w, int64_t C, int64_t col0, int64_t ch, float* out,
@@ -408,25 +408,35 @@ void SumRowsLine(const Tap* taps, int64_t rows, int64_t P, int64_t in_w, int64_t
   }
 }
 
-// The forward pass's line (output row): SumRowsLine for the network's kernels (3x3 and 5x5, stride 1 or 2), other
-// shapes SumLine.
+// The network's depthwise shapes, which the row-reuse routines (SumRowsLine, AddRowTaps) are instantiated for:
+// body(integral_constant K, integral_constant S) for K in {3, 5}, S in {1, 2}; false (body not called) otherwise.
+template <typename Body>
+inline bool WithRowKernel(int64_t K, int64_t S, Body&& body) {
+  using std::integral_constant;
+  if (K == 3 && S == 1) body(integral_constant<int, 3>{}, integral_constant<int, 1>{});
+  else if (K == 3 && S == 2) body(integral_constant<int, 3>{}, integral_constant<int, 2>{});
+  else if (K == 5 && S == 1) body(integral_constant<int, 5>{}, integral_constant<int, 1>{});
+  else if (K == 5 && S == 2) body(integral_constant<int, 5>{}, integral_constant<int, 2>{});
+  else return false;
+  return true;
+}
+
+// The forward pass's line (output row): SumRowsLine for the network's kernels, other shapes SumLine.
 void SumForwardLine(const Tap* taps, int64_t n, int64_t K, int64_t S, int64_t P, int64_t in_w, int64_t C,
                     int64_t count, float* out) {
-  const int64_t rows = n / K;
-  if (K == 3 && S == 1) SumRowsLine<3, 1, false>(taps, rows, P, in_w, C, count, out, C);
-  else if (K == 3 && S == 2) SumRowsLine<3, 2, false>(taps, rows, P, in_w, C, count, out, C);
-  else if (K == 5 && S == 1) SumRowsLine<5, 1, false>(taps, rows, P, in_w, C, count, out, C);
-  else if (K == 5 && S == 2) SumRowsLine<5, 2, false>(taps, rows, P, in_w, C, count, out, C);
-  else SumLine(taps, n, S, in_w, C, count, out, C);
+  if (!WithRowKernel(K, S, [&](auto k, auto s) {
+        SumRowsLine<decltype(k)::value, decltype(s)::value, false>(taps, n / K, P, in_w, C, count, out, C);
+      }))
+    SumLine(taps, n, S, in_w, C, count, out, C);
 }
 
 // The input gradient's line (input row) at stride 1: taps j = 0..K-1 of each kernel row at columns m + P - j.
 void SumInputGradLine(const Tap* taps, int64_t n, int64_t K, int64_t P, int64_t in_w, int64_t C, int64_t count,
                       float* out) {
-  const int64_t rows = n / K;
-  if (K == 3) SumRowsLine<3, 1, true>(taps, rows, P, in_w, C, count, out, C);
-  else if (K == 5) SumRowsLine<5, 1, true>(taps, rows, P, in_w, C, count, out, C);
-  else SumLine(taps, n, 1, in_w, C, count, out, C);
+  if (!WithRowKernel(K, 1, [&](auto k, auto) {
+        SumRowsLine<decltype(k)::value, 1, true>(taps, n / K, P, in_w, C, count, out, C);
+      }))
+    SumLine(taps, n, 1, in_w, C, count, out, C);
 }
 
 // The eval-mode epilogue (BatchNorm folded into scale and shift, then the activation): act(v * scale[c] + shift[c])
@@ -954,18 +964,11 @@ inline void AddRowTaps(const float* xrow, const float* grow, int64_t C, int64_t 
 // AddRowTaps over all channels for the network's kernels; false for other shapes (the caller's tap loop).
 bool AddKernelRow(const float* xrow, const float* grow, int64_t C, int64_t K, int64_t S, int64_t P, int64_t W,
                   int64_t wo, float* total) {
-  auto run = [&](auto k, auto s) {
+  return WithRowKernel(K, S, [&](auto k, auto s) {
     ForChannelVectors(0, C, [&](auto lanes, int64_t ch) {
       AddRowTaps<decltype(lanes), decltype(k)::value, decltype(s)::value>(xrow, grow, C, P, W, wo, ch, total);
     });
-  };
-  using std::integral_constant;
-  if (K == 3 && S == 1) run(integral_constant<int, 3>{}, integral_constant<int, 1>{});
-  else if (K == 3 && S == 2) run(integral_constant<int, 3>{}, integral_constant<int, 2>{});
-  else if (K == 5 && S == 1) run(integral_constant<int, 5>{}, integral_constant<int, 1>{});
-  else if (K == 5 && S == 2) run(integral_constant<int, 5>{}, integral_constant<int, 2>{});
-  else return false;
-  return true;
+  });
 }
 
 // With a prologue (act(x * scale + shift), the previous layer's BN + activation), the kernel's input rows are

@@ -1,9 +1,11 @@
 // Times cpu_kernels.cc's inner routines on one thread, their data in cache, on V2's shapes at 224 px: how close each
 // runs to one core's FMA peak, which whole calls and traces do not show. Built and run by bench/kernel_routines.py
 // with -DKERNEL_SOURCE="path/to/cpu_kernels.cc" (the version to time; its anonymous namespace is this file's) and
-// -DHAVE_ROW_LINES where that version has SumRowsLine (README Speed item 16).
+// -DHAVE_ROW_LINES where that version has SumRowsLine (README Speed item 16), -DHAVE_ROW_GRADIENT where it has
+// AddKernelRow (item 18; without it the kernel-gradient cases are left out).
 // Usage: kernel_routines [REPS]. Prints one tab-separated line per case: name, FLOP, best ns of REPS-call rounds,
-// an FNV-1a hash of the output bytes, and for depthwise lines whether they equal SumLine's bit for bit (- if n/a).
+// an FNV-1a hash of the output bytes, and whether the row-reuse routine equals the generic one bit for bit (SumLine
+// for depthwise lines, AddKernelRowByTaps for kernel-gradient rows; - if n/a).
 #include KERNEL_SOURCE
 
 #include <chrono>
@@ -94,6 +96,30 @@ void DepthwiseCase(const char* name, int64_t rows, int64_t width, int64_t C, int
   Print(name, 2.0 * rows * count * C * k * k, ns, out, same ? "yes" : "NO");
 }
 
+#ifdef HAVE_ROW_GRADIENT
+// The depthwise kernel gradient's sums over `rows` output rows (all k kernel rows of each) into one k*k*C
+// accumulator: AddKernelRow, checked against the tap-by-tap AddKernelRowByTaps.
+void KernelGradCase(const char* name, int64_t rows, int64_t width, int64_t C, int64_t k, int64_t stride, int reps) {
+  const int64_t p = (k - 1) / 2, wo = (width + 2 * p - k) / stride + 1;
+  auto x = Random((rows * stride + k) * width * C), dy = Random(rows * wo * C);
+  std::vector<float> total(k * k * C), reference(k * k * C);
+  auto run = [&](float* dst, bool by_taps) {
+    std::fill(dst, dst + k * k * C, 0.0f);
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t i = 0; i < k; ++i) {
+        const float* xrow = x.data() + (r * stride + i) * width * C;
+        const float* grow = dy.data() + r * wo * C;
+        if (by_taps) AddKernelRowByTaps(xrow, grow, C, k, stride, p, width, wo, dst + i * k * C);
+        else AddKernelRow(xrow, grow, C, k, stride, p, width, wo, dst + i * k * C);
+      }
+  };
+  const double ns = BestNs([&] { run(total.data(), false); }, reps);
+  run(reference.data(), true);
+  const bool same = std::memcmp(total.data(), reference.data(), total.size() * sizeof(float)) == 0;
+  Print(name, 2.0 * rows * wo * C * k * k, ns, total, same ? "yes" : "NO");
+}
+#endif
+
 // `rows` output rows of the V2 stem's 7x7 stride-2 convolution, 3 -> 64 channels, from a zero-padded 224 px image.
 void StemCase(const char* name, int64_t rows, int reps) {
   Geometry g{1, 224, 224, 3, 7, 2, 3, 112, 112};
@@ -157,6 +183,12 @@ int main(int argc, char** argv) {
   for (const auto& c : kPointwise) PointwiseCase(c.name, c.pixels, c.cin, c.cout, c.activation, reps);
   for (const auto& c : kDepthwise)
     DepthwiseCase(c.name, c.rows, c.width, c.channels, c.k, c.stride, c.input_grad, reps);
+#ifdef HAVE_ROW_GRADIENT
+  KernelGradCase("depthwise kernel grad 56x56x72 k3", 4, 56, 72, 3, 1, reps);
+  KernelGradCase("depthwise kernel grad 56->28 x72 k5 s2", 2, 56, 72, 5, 2, reps);
+  KernelGradCase("depthwise kernel grad 7x7x960 k5", 7, 7, 960, 5, 1, reps);
+  KernelGradCase("depthwise kernel grad 9 px x20 k3 (edges, tails)", 4, 9, 20, 3, 1, reps);
+#endif
   StemCase("stem 7x7 s2 3->64 (8 rows)", 8, std::max(1, reps / 4));
   return 0;
 }

@@ -50,6 +50,8 @@ def build(source: Path, binary: Path) -> Path:
     text = source.read_text()
     if "SumForwardLine(" in text and "SumInputGradLine(" in text:  # the driver calls both
         defines.append("-DHAVE_ROW_LINES")
+    if "AddKernelRowByTaps(" in text:
+        defines.append("-DHAVE_ROW_GRADIENT")
     cmd = [compiler(), *program_flags(), "-I", jax.ffi.include_dir(), *defines, str(DRIVER), "-o", str(binary)]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
@@ -58,12 +60,12 @@ def build(source: Path, binary: Path) -> Path:
 
 
 def run(binary: Path, reps: int) -> dict[str, dict]:
-    """{case: {"flop", "ns", "hash", "matches_sumline"}} from one run of the driver."""
+    """{case: {"flop", "ns", "hash", "matches_generic"}} from one run of the driver."""
     done = subprocess.run([str(binary), str(reps)], capture_output=True, text=True, check=True)
     cases = {}
     for line in done.stdout.splitlines():
         name, flop, ns, digest, matches = line.split("\t")
-        cases[name] = {"flop": float(flop), "ns": float(ns), "hash": digest, "matches_sumline": matches}
+        cases[name] = {"flop": float(flop), "ns": float(ns), "hash": digest, "matches_generic": matches}
     return cases
 
 
@@ -81,7 +83,7 @@ def best_of(runs: list[dict[str, dict]]) -> dict[str, dict]:
 
 def table(this: dict[str, dict], core_peak: float | None, other: dict[str, dict] | None = None,
           other_name: str = "") -> str:
-    header = "| routine, shape | us | GFLOP/s | of one core's peak | equals SumLine |"
+    header = "| routine, shape | us | GFLOP/s | of one core's peak | equals the generic routine |"
     rule = "|---|---:|---:|---:|---|"
     if other is not None:
         header += f" {other_name} us | time vs {other_name} | outputs |"
@@ -90,7 +92,7 @@ def table(this: dict[str, dict], core_peak: float | None, other: dict[str, dict]
     for name, case in this.items():
         gflops = case["flop"] / case["ns"]
         share = f"{100 * gflops / core_peak:.0f}%" if core_peak else "—"
-        row = f"| {name} | {case['ns'] / 1e3:.1f} | {gflops:.1f} | {share} | {case['matches_sumline']} |"
+        row = f"| {name} | {case['ns'] / 1e3:.1f} | {gflops:.1f} | {share} | {case['matches_generic']} |"
         if other is not None:
             theirs = other.get(name)
             if theirs is None:

@@ -343,7 +343,7 @@ void SumLine(const Tap* taps, int64_t n, int64_t a, int64_t in_w, int64_t C, int
 // floats apart, output m at columns S*m + j - P (the forward pass) or, kMirror (the stride-1 input gradient), at
 // m + P - j. Block by block of Q outputs, each input vector of a row is loaded once and used for every tap and output
 // that reads it (up to K multiply-adds): S*(Q-1) + K loads per row and channel vector instead of SumPixels' Q*K,
-// which left these passes bound by loads (Zen 4, one thread, V2 224 px shapes: 0.34-0.82x the time,
+// which left these passes bound by loads (Zen 4, one thread, V2 224 px shapes: 0.34-0.86x the time,
 // benchmarks/kernel_routines_zen4.md). An output's sum is the same chain of multiply-adds in the same order (rows, then j ascending;
 // taps outside the line skipped), so outputs are bit-identical to SumLine's.
 template <typename V, int Q, int K, int S, bool kMirror, bool kChecked>
@@ -961,14 +961,31 @@ inline void AddRowTaps(const float* xrow, const float* grow, int64_t C, int64_t 
   }
 }
 
-// AddRowTaps over all channels for the network's kernels; false for other shapes (the caller's tap loop).
-bool AddKernelRow(const float* xrow, const float* grow, int64_t C, int64_t K, int64_t S, int64_t P, int64_t W,
+// One kernel row's K taps over one output row, tap by tap with AddRowTap (any K and S): 8 outputs at a time, all
+// channels of them, then the next 8: contiguous reads, one add into the accumulator per 8 products.
+void AddKernelRowByTaps(const float* xrow, const float* grow, int64_t C, int64_t K, int64_t S, int64_t P, int64_t W,
+                        int64_t wo, float* total) {
+  for (int64_t j = 0; j < K; ++j) {
+    const int64_t col0 = j - P;
+    const auto [q_lo, q_hi] = InBoundsOutputs(col0, col0, S, W, wo);  // 0 <= q*S + j - P < W
+    for (int64_t q0 = q_lo; q0 < q_hi; q0 += 8) {
+      const int64_t q1 = std::min(q_hi, q0 + 8);
+      ForChannelVectors(0, C, [&](auto lanes, int64_t ch) {
+        AddRowTap<decltype(lanes)>(xrow, grow, C, S, col0, q0, q1, ch, total + j * C);
+      });
+    }
+  }
+}
+
+// The same sums (bit-identical): AddRowTaps over all channels for the network's kernels, else AddKernelRowByTaps.
+void AddKernelRow(const float* xrow, const float* grow, int64_t C, int64_t K, int64_t S, int64_t P, int64_t W,
                   int64_t wo, float* total) {
-  return WithRowKernel(K, S, [&](auto k, auto s) {
-    ForChannelVectors(0, C, [&](auto lanes, int64_t ch) {
-      AddRowTaps<decltype(lanes), decltype(k)::value, decltype(s)::value>(xrow, grow, C, P, W, wo, ch, total);
-    });
-  });
+  if (!WithRowKernel(K, S, [&](auto k, auto s) {
+        ForChannelVectors(0, C, [&](auto lanes, int64_t ch) {
+          AddRowTaps<decltype(lanes), decltype(k)::value, decltype(s)::value>(xrow, grow, C, P, W, wo, ch, total);
+        });
+      }))
+    AddKernelRowByTaps(xrow, grow, C, K, S, P, W, wo, total);
 }
 
 // With a prologue (act(x * scale + shift), the previous layer's BN + activation), the kernel's input rows are
@@ -1002,21 +1019,7 @@ ffi::Error DepthwiseKernelGradWith(ffi::ThreadPool& pool, ffi::Buffer<ffi::F32> 
       for (int64_t i = 0; i < g.k; ++i) {
         const int64_t hi = r * g.s + i - g.p;
         if (hi < 0 || hi >= g.h) continue;
-        const float* xrow = input_row(b, hi);
-        if (AddKernelRow(xrow, grow, C, g.k, g.s, g.p, g.w, g.wo, total + i * g.k * C)) continue;
-        for (int64_t j = 0; j < g.k; ++j) {
-          const int64_t col0 = j - g.p;
-          const auto [q_lo, q_hi] = InBoundsOutputs(col0, col0, g.s, g.w, g.wo);  // 0 <= q*S + j - P < W
-          float* tap_total = total + (i * g.k + j) * C;
-          // 8 outputs at a time, all channels of them, then the next 8: contiguous reads, one add into the
-          // accumulator per 8 products.
-          for (int64_t q0 = q_lo; q0 < q_hi; q0 += 8) {
-            const int64_t q1 = std::min(q_hi, q0 + 8);
-            ForChannelVectors(0, C, [&](auto lanes, int64_t ch) {
-              AddRowTap<decltype(lanes)>(xrow, grow, C, g.s, col0, q0, q1, ch, tap_total);
-            });
-          }
-        }
+        AddKernelRow(input_row(b, hi), grow, C, g.k, g.s, g.p, g.w, g.wo, total + i * g.k * C);
       }
     }
   });
